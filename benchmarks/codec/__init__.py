@@ -1,0 +1,1 @@
+"""Codec benchmark: frame sizes and encode/decode cost; run ``python -m benchmarks.codec``."""

@@ -1,0 +1,1 @@
+"""The vendgate wire protocol, sans-I/O."""

@@ -1,0 +1,1 @@
+"""vendgate test suite: pure, component and integration tiers."""

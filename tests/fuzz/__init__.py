@@ -1,0 +1,1 @@
+"""Fuzz corpus of the frame decoder, and the script that generates it."""

@@ -1,0 +1,1 @@
+"""Tests of the gateway foundation: errors, configuration, logging and the command line."""
