@@ -36,6 +36,14 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.codec
 
+## fuzz: coverage-guided fuzzing of the decoder with atheris (FUZZ_SECONDS, default 60)
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	rm -rf .fuzz-work && mkdir -p .fuzz-work && cp tests/fuzz/corpus/*.bin .fuzz-work/
+	$(BIN)/python -m tests.fuzz.fuzz_decode -max_total_time=$(FUZZ_SECONDS) -max_len=20000 \
+		-rss_limit_mb=2048 -print_final_stats=1 .fuzz-work
+
 ## vectors: regenerate protocols/vectors/v1.json (review the diff before committing)
 vectors: $(STAMP)
 	$(BIN)/python -m protocols.vectors.generate
