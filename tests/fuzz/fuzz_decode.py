@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 
-import atheris  # type: ignore[import-not-found,unused-ignore]  # optional, installed by `make fuzz`
+import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]  # `make fuzz` installs it
 
 with atheris.instrument_imports():
     from protocols.codec import compute_tag, decode, decode_unverified
@@ -28,11 +29,12 @@ with atheris.instrument_imports():
 
 def one_input(data: bytes) -> None:
     """Decode ``data`` three ways; only ProtocolError may escape the decoder."""
-    for attempt in (
+    attempts: list[Callable[[], object]] = [
         lambda: decode(data, KEY),
         lambda: decode_unverified(data),
         lambda: decode(data + compute_tag(KEY, data), KEY),
-    ):
+    ]
+    for attempt in attempts:
         with contextlib.suppress(ProtocolError):
             attempt()
 
