@@ -119,14 +119,23 @@ class LogEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotRecord:
+    """Durable state of one slot: stock count, in service or not, failures in a row."""
+
+    slot: int
+    stock: int
+    enabled: bool
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceMeta:
-    """Durable scalars: boot count, log floor, the applied planogram, slots out of service."""
+    """Durable scalars: boot count, log floor, the applied planogram and the slots' state."""
 
     boot: int = 0
     log_floor: int = 0
     config: Config | None = None
-    #: Slots taken out of service after repeated failures; only an operator clears them.
-    disabled_slots: frozenset[int] = frozenset()
+    slots: tuple[SlotRecord, ...] = ()
 
 
 class DeviceStore(Protocol):
@@ -201,7 +210,6 @@ class DeviceSettings:
     heartbeat_ms: int = 30_000
     result_retry_ms: tuple[int, ...] = (2_000, 4_000, 8_000, 16_000, 30_000)
     time_resync_ms: int = 6 * 3600 * 1000
-    time_request_ttl_ms: int = 10_000
     max_time_rtt_ms: int = 2_000
     bad_mac_answer_interval_ms: int = 10_000
     #: Consecutive failed dispenses after which a slot is taken out of service.
@@ -210,7 +218,7 @@ class DeviceSettings:
 
 @dataclass
 class SlotState:
-    """Volatile view of one slot: what is physically there and whether it may vend."""
+    """Working copy of one slot's state; saved as a :class:`SlotRecord` when it changes."""
 
     stock: int
     enabled: bool = True
@@ -299,9 +307,17 @@ class Device:
     def will(self) -> bytes:
         """Return the last-will payload to give the broker for the next connection.
 
-        It is ``Presence(online=False)`` for the session that ``connected`` will open.
+        It is ``Presence(online=False)`` for the session that ``connected`` will open,
+        with ``seq`` 0: a will is built before the session's frames are numbered (SPEC §5.2).
         """
-        return encode(self._uplink(Presence, session=self._session + 1, online=False), self._key)
+        will = Presence(boot=self.boot, seq=0, session=self._session + 1, online=False)
+        return encode(will, self._key)
+
+    def disconnecting(self) -> list[Action]:
+        """Call before a clean MQTT DISCONNECT: publish the offline presence ourselves."""
+        self._connected = False
+        offline = self._uplink(Presence, session=self._session, online=False)
+        return [self._publish(Channel.STATUS, offline)]
 
     def connected(self, now_ms: int) -> list[Action]:
         """Call after CONNACK: announce presence and Hello, re-send pending results."""
@@ -413,9 +429,8 @@ class Device:
             capacity = self._slot_config(slot).capacity
             state.stock = min(stock, capacity)
             state.consecutive_failures = 0
-            if not state.enabled:
-                state.enabled = True
-                self._set_meta(disabled_slots=self._meta.disabled_slots - {slot})
+            state.enabled = True
+            self._save_slots()
 
     # -- vend ---------------------------------------------------------------------------------
 
@@ -526,18 +541,18 @@ class Device:
         if dispense.outcome is Outcome.DISPENSED:
             slot.stock = max(0, slot.stock - 1)
             slot.consecutive_failures = 0
-            return
-        slot.consecutive_failures += 1
-        if dispense.reason is FailReason.JAM:
-            self.record_event("EJC", slot_no, now_ms, active=True)
-        elif dispense.reason is FailReason.SENSOR_FAULT:
-            self.record_event("EJL", slot_no, now_ms, active=True)
-        elif dispense.reason is FailReason.SLOT_EMPTY:
-            slot.stock = 0
-        if slot.consecutive_failures >= self.settings.slot_fault_limit and slot.enabled:
-            slot.enabled = False
-            self._set_meta(disabled_slots=self._meta.disabled_slots | {slot_no})
-            self.record_event("XSD", slot_no, now_ms, active=True)
+        else:
+            slot.consecutive_failures += 1
+            if dispense.reason is FailReason.JAM:
+                self.record_event("EJC", slot_no, now_ms, active=True)
+            elif dispense.reason is FailReason.SENSOR_FAULT:
+                self.record_event("EJL", slot_no, now_ms, active=True)
+            elif dispense.reason is FailReason.SLOT_EMPTY:
+                slot.stock = 0
+            if slot.consecutive_failures >= self.settings.slot_fault_limit and slot.enabled:
+                slot.enabled = False
+                self.record_event("XSD", slot_no, now_ms, active=True)
+        self._save_slots()
 
     # -- status, config, time -----------------------------------------------------------------
 
@@ -551,6 +566,10 @@ class Device:
                 state = (
                     VendState.FORGOTTEN if query.deadline <= self.log_floor else VendState.NOT_SEEN
                 )
+            elif entry.deadline != query.deadline:
+                # Not the vend the gateway means: answering its state would settle the wrong one.
+                self._count("conflict")
+                state, code = VendState.MISMATCH, AckCode.CONFLICT
             else:
                 state, code, dispense = entry.state, entry.code, entry.dispense
         reply = self._uplink(
@@ -594,6 +613,7 @@ class Device:
         else:
             self._set_meta(config=config)
             self._apply_slots(config.slots)
+            self._save_slots()
             status = ConfigStatus.APPLIED
         ack = self._uplink(
             ConfigAck,
@@ -604,19 +624,33 @@ class Device:
         return [self._publish(Channel.UP, ack)]
 
     def _apply_slots(self, slots: Iterable[SlotConfig]) -> None:
+        """Build the slot view for a planogram from the saved slot records (SPEC §7.9).
+
+        A slot new to the machine starts full; a known slot keeps its stock (clipped to
+        the new capacity), its service state and its failure count.
+        """
+        saved = {r.slot: r for r in self._meta.slots}
         new: dict[int, SlotState] = {}
         for cfg in slots:
-            old = self.slots.get(cfg.slot)
+            old = saved.get(cfg.slot)
             new[cfg.slot] = (
-                SlotState(stock=cfg.capacity, enabled=cfg.slot not in self._meta.disabled_slots)
+                SlotState(stock=cfg.capacity)
                 if old is None
                 else SlotState(
                     stock=min(old.stock, cfg.capacity),
                     enabled=old.enabled,
-                    consecutive_failures=old.consecutive_failures,
+                    consecutive_failures=old.failures,
                 )
             )
         self.slots = new
+
+    def _save_slots(self) -> None:
+        records = tuple(
+            SlotRecord(slot=n, stock=s.stock, enabled=s.enabled, failures=s.consecutive_failures)
+            for n, s in sorted(self.slots.items())
+        )
+        if records != self._meta.slots:
+            self._set_meta(slots=records)
 
     def _slot_config(self, slot: int) -> SlotConfig:
         config = self._meta.config
@@ -629,8 +663,8 @@ class Device:
             self._count("time_unsolicited")
             return
         rtt = now_ms - request[1]
-        self._time_request = None
-        if not 0 <= rtt <= min(self.settings.max_time_rtt_ms, self.settings.time_request_ttl_ms):
+        self._time_request = None  # consumed: a duplicate delivery cannot step the clock again
+        if not 0 <= rtt <= self.settings.max_time_rtt_ms:
             self._count("time_too_slow")
             return
         # The gateway read its clock about half a round trip ago (SPEC §9).
@@ -722,15 +756,21 @@ class Device:
 def _judge(report: MotorReport, *, drop_sensor: bool) -> Dispense:
     """Turn what the hardware saw into an outcome (SPEC §7.3).
 
-    With the drop sensor on, only a detected drop counts as dispensed, whatever
-    else the motor reported. With it off, the motor's own fault report decides.
+    FAILED is a promise that nothing fell, so it is given only with proof: a working
+    drop sensor that saw nothing, or a motor that never moved. Where the product may
+    have fallen unseen (a sensor fault, or a fault mid-turn with no sensor), the
+    outcome is UNCERTAIN and an operator decides.
     """
-    if drop_sensor:
-        outcome = Outcome.DISPENSED if report.dropped else Outcome.FAILED
-        reason = FailReason.NONE if report.dropped else report.fault or FailReason.NO_DROP
+    if drop_sensor and report.dropped:
+        outcome, reason = Outcome.DISPENSED, FailReason.NONE
+    elif drop_sensor:
+        reason = report.fault or FailReason.NO_DROP
+        outcome = Outcome.UNCERTAIN if reason is FailReason.SENSOR_FAULT else Outcome.FAILED
+    elif report.fault is None:
+        outcome, reason = Outcome.DISPENSED, FailReason.NONE
     else:
-        outcome = Outcome.FAILED if report.fault else Outcome.DISPENSED
-        reason = report.fault or FailReason.NONE
+        reason = report.fault
+        outcome = Outcome.FAILED if report.motor_ms == 0 else Outcome.UNCERTAIN
     return Dispense(
         outcome=outcome,
         reason=reason,

@@ -116,6 +116,7 @@ class VendState(enum.IntEnum):
     DISPENSING = 3
     DONE = 4
     FORGOTTEN = 5
+    MISMATCH = 6
 
 
 class ConfigStatus(enum.IntEnum):
@@ -225,6 +226,12 @@ class Event(Record):
     code: str = wire(Str(8, min_bytes=1))
     slot: int | None = wire(Optional(U8))
     active: bool = wire(Bool())
+
+    def check(self) -> str | None:
+        """Require an event code of upper-case ASCII letters and digits."""
+        if not all("A" <= c <= "Z" or "0" <= c <= "9" for c in self.code):
+            return f"event code {self.code!r} is not [A-Z0-9]"
+        return None
 
 
 # --- downlink --------------------------------------------------------------------------------

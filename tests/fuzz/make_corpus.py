@@ -171,7 +171,7 @@ def _extreme_frames() -> list[Frame]:
             seq=U32_MAX,
             t0_ms=U64_MAX,
             readings=tuple(Reading(U32_MAX, ReadingKind.STOCK, 255, -(2**31)) for _ in range(16)),
-            events=tuple(Event(U32_MAX, "€€", 255, active=True) for _ in range(16)),
+            events=tuple(Event(U32_MAX, "ZZZZZZZZ", 255, active=True) for _ in range(16)),
         ),
         Heartbeat(boot=0, seq=0, clock_ms=U64_MAX, rssi=-(2**15), uptime_s=U32_MAX, want_time=True),
         Presence(boot=0, seq=0, session=U32_MAX, online=False),

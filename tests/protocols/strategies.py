@@ -18,6 +18,7 @@ from protocols.frames import (
     FRAME_TYPES,
     Config,
     Dispense,
+    Event,
     FailReason,
     Frame,
     Outcome,
@@ -143,12 +144,18 @@ def _fix_vend(_draw: st.DrawFn, v: Values) -> Values:
     return v
 
 
+def _fix_event(draw: st.DrawFn, v: Values) -> Values:
+    v["code"] = draw(st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=8))
+    return v
+
+
 _FIXUPS: dict[type[Record], Callable[[st.DrawFn, Values], Values]] = {
     Dispense: _fix_dispense,
     StatusQuery: _fix_status_query,
     StatusReply: _fix_status_reply,
     Config: _fix_config,
     Vend: _fix_vend,
+    Event: _fix_event,
 }
 
 

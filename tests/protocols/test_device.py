@@ -217,7 +217,21 @@ def test_status_query_reports_a_vend_in_progress_and_done() -> None:
         ),
         (False, NO_DROP, Outcome.DISPENSED, FailReason.NONE, False),
         (False, DROPPED, Outcome.DISPENSED, FailReason.NONE, False),
-        (False, JAMMED, Outcome.FAILED, FailReason.JAM, False),
+        (False, JAMMED, Outcome.UNCERTAIN, FailReason.JAM, False),
+        (
+            False,
+            MotorReport(dropped=False, motor_ms=0, fault=FailReason.MOTOR_FAULT),
+            Outcome.FAILED,
+            FailReason.MOTOR_FAULT,
+            False,
+        ),
+        (
+            True,
+            MotorReport(dropped=False, motor_ms=2_000, fault=FailReason.SENSOR_FAULT),
+            Outcome.UNCERTAIN,
+            FailReason.SENSOR_FAULT,
+            False,
+        ),
     ],
 )
 def test_result_is_judged_by_drop_sensor_then_fault(
@@ -227,7 +241,7 @@ def test_result_is_judged_by_drop_sensor_then_fault(
     reason: FailReason,
     drop_detected: bool,
 ) -> None:
-    """With the drop sensor on only a drop counts as dispensed; with it off only a fault fails."""
+    """FAILED needs proof: a working sensor that saw nothing, or a motor that never moved."""
     h = Harness()
     h.connect()
     h.configure(slots=[slot_config(1, drop_sensor=drop_sensor)])
@@ -967,3 +981,46 @@ def test_replays_across_eviction_and_clock_steps_never_dispense_twice(
         h.device.restock(1 + vend_id % 3, 5)
         h.advance(pause_s * 1000)
     assert all(n == 1 for n in Counter(m.vend_id for m in h.motors).values())
+
+
+# --- review follow-ups: mismatched queries, presence numbering, durable stock -----------------
+
+
+def test_status_query_with_another_deadline_is_a_mismatch_that_settles_nothing() -> None:
+    """A query whose deadline differs from the logged vend's gets MISMATCH/CONFLICT, no result."""
+    h = started()
+    vend = h.vend_frame(1)
+    h.send(vend)
+    h.finish(1)
+    reply = h.query(1, vend.deadline + 1)
+    assert reply.vend_state is VendState.MISMATCH
+    assert reply.code is AckCode.CONFLICT
+    assert reply.dispense is None
+    assert h.query(1, vend.deadline).vend_state is VendState.DONE
+
+
+def test_will_uses_seq_zero_and_clean_disconnect_publishes_offline() -> None:
+    """The will is Presence(offline, seq 0) for the next session; disconnecting() publishes one."""
+    h = Harness()
+    will = decode(h.device.will(), h.key, direction=Direction.UP)
+    assert isinstance(will, Presence)
+    assert (will.seq, will.session, will.online) == (0, 1, False)
+    (online,) = only(h.connect(), Presence)
+    assert (online.session, online.online) == (1, True)
+    (offline,) = only(h.run(h.device.disconnecting()), Presence)
+    assert (offline.session, offline.online) == (1, False)
+    assert offline.seq > online.seq
+    assert h.tick(h.settings.heartbeat_ms) == []
+
+
+def test_stock_and_failure_count_survive_a_reboot() -> None:
+    """Stock counts down durably and the failures-in-a-row counter is kept across reboots."""
+    h = started()
+    h.vend(1)
+    h.finish(1)
+    h.vend(2)
+    h.finish(2, JAMMED)
+    h.reboot()
+    h.connect()
+    assert h.device.slots[1].stock == 4
+    assert h.device.slots[1].consecutive_failures == 1
