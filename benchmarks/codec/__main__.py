@@ -64,7 +64,12 @@ def _frames() -> dict[str, Frame]:
     }
 
 
+WARMUP_BATCHES = 3
+
+
 def _time(fn: Callable[[], object], ops: int, batches: int) -> dict[str, float]:
+    for _ in range(WARMUP_BATCHES * ops):  # warm caches and the allocator; not measured
+        fn()
     means = []
     for _ in range(batches):
         start = time.perf_counter_ns()
