@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DatabaseUnavailableError",
+    "EmbeddedServiceError",
     "FrameRejectedError",
     "GatewayError",
     "NotFoundError",
@@ -138,6 +139,21 @@ class DatabaseUnavailableError(UnavailableError):
     """PostgreSQL cannot be reached or refused the connection."""
 
     service: ClassVar[str] = "the database"
+
+
+class EmbeddedServiceError(GatewayError):
+    """A private Mosquitto or PostgreSQL that the gateway runs itself failed to start or stop."""
+
+    # Not an UnavailableError: a missing binary or a broken data directory does not heal on a
+    # retry, and it happens at start-up, before any request could be answered with 503.
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(service, reason)
+        self.service = service
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"embedded {self.service}: {self.reason}"
 
 
 class OverloadedError(GatewayError):

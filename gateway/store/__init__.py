@@ -1,0 +1,1 @@
+"""PostgreSQL storage: migrations, the group-commit writer, one module per aggregate."""

@@ -1,0 +1,323 @@
+"""The vends aggregate: creation, compare-and-set transitions, history, recovery reads.
+
+Every function takes a connection, so callers choose the transaction: the HTTP API
+and the dispatcher hand these to the group-commit writer. A state change is one
+``UPDATE ... WHERE state = ANY(<allowed sources>)``, taken from the transition table
+in :mod:`gateway.lifecycle`; its history row and its webhook event are written in the
+same transaction, so all three happen once or not at all, whichever gateway gets there
+first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+
+import asyncpg
+
+from gateway.lifecycle import ACTIVE, WEBHOOK_EVENTS, VendEvent, VendStatus, next_status, sources
+from gateway.store.db import Conn
+
+WIRE_ID_BITS: Final = 63  # fits PostgreSQL bigint; 2**-63 collision odds per pair
+
+
+@dataclass(frozen=True, slots=True)
+class VendRequest:
+    """A validated ``POST /v1/vends`` body; ``deadline`` is None when the caller gave none."""
+
+    vend_id: str
+    machine_id: str
+    slot: int
+    price: int
+    currency: str
+    deadline: datetime | None
+
+    def fingerprint(self) -> bytes:
+        """Hash of the request as given, to tell a repeat from a different request."""
+        canonical = {
+            "vend_id": self.vend_id,
+            "machine_id": self.machine_id,
+            "slot": self.slot,
+            "price": self.price,
+            "currency": self.currency,
+            "deadline": None if self.deadline is None else self.deadline.isoformat(),
+        }
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class VendRow:
+    """One row of ``vends``."""
+
+    vend_id: str
+    wire_id: int
+    machine_id: str
+    slot: int
+    price: int
+    currency: str
+    deadline: datetime
+    state: VendStatus
+    attempts: int
+    queue_seq: int
+    dispense: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    first_sent_at: datetime | None
+    settled_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> VendRow:
+        """Build from a ``SELECT * FROM vends`` record."""
+        dispense = r["dispense"]
+        return cls(
+            vend_id=r["vend_id"],
+            wire_id=r["wire_id"],
+            machine_id=r["machine_id"],
+            slot=r["slot"],
+            price=r["price"],
+            currency=r["currency"],
+            deadline=r["deadline"],
+            state=VendStatus(r["state"]),
+            attempts=r["attempts"],
+            queue_seq=r["queue_seq"],
+            dispense=json.loads(dispense) if isinstance(dispense, str) else dispense,
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+            first_sent_at=r["first_sent_at"],
+            settled_at=r["settled_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of a vend's history."""
+
+    from_state: VendStatus | None
+    to_state: VendStatus
+    event: str
+    actor: str
+    detail: dict[str, Any] | None
+    at: datetime
+
+
+CreateOutcome = Literal["created", "exists", "conflict", "unknown_machine"]
+
+_INSERT: Final = """
+INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline, request_hash,
+                   state)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'accepted'
+WHERE EXISTS (SELECT 1 FROM machines WHERE machine_id = $3)
+ON CONFLICT DO NOTHING
+RETURNING *
+"""
+
+
+async def create(
+    conn: Conn, request: VendRequest, deadline: datetime
+) -> tuple[CreateOutcome, VendRow | None]:
+    """Store a new vend in state ``accepted``, idempotently on ``vend_id``.
+
+    Returns ``created`` with the row; ``exists`` with the stored row when the same
+    request was stored before; ``conflict`` with the stored row when the id is taken by
+    a different request; ``unknown_machine`` when the machine is not registered.
+    """
+    fingerprint = request.fingerprint()
+    for _ in range(3):  # a wire-id collision (2**-63) is retried with a fresh id
+        record = await conn.fetchrow(
+            _INSERT,
+            request.vend_id,
+            secrets.randbits(WIRE_ID_BITS),
+            request.machine_id,
+            request.slot,
+            request.price,
+            request.currency,
+            deadline,
+            fingerprint,
+        )
+        if record is not None:
+            row = VendRow.from_record(record)
+            await _history(conn, row.vend_id, None, VendStatus.ACCEPTED, "created", "gateway", None)
+            return "created", row
+        existing = await conn.fetchrow("SELECT * FROM vends WHERE vend_id = $1", request.vend_id)
+        if existing is not None:
+            outcome: CreateOutcome = (
+                "exists" if bytes(existing["request_hash"]) == fingerprint else "conflict"
+            )
+            return outcome, VendRow.from_record(existing)
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM machines WHERE machine_id = $1)", request.machine_id
+        ):
+            return "unknown_machine", None
+    raise RuntimeError("could not draw a unique wire id three times")  # pragma: no cover
+
+
+_APPLY: Final = """
+WITH old AS (SELECT state FROM vends WHERE vend_id = $1 FOR UPDATE)
+UPDATE vends v
+SET state = $2,
+    updated_at = now(),
+    dispense = COALESCE($4::jsonb, v.dispense),
+    first_sent_at = CASE WHEN $2 = 'sent' THEN COALESCE(v.first_sent_at, now())
+                         ELSE v.first_sent_at END,
+    settled_at = CASE WHEN $5 THEN now() ELSE v.settled_at END,
+    attempts = GREATEST(v.attempts, $6)
+FROM old
+WHERE v.vend_id = $1 AND v.state = ANY($3::text[])
+RETURNING v.*, old.state AS from_state
+"""
+
+
+async def apply(
+    conn: Conn,
+    vend_id: str,
+    event: VendEvent,
+    *,
+    detail: dict[str, Any] | None = None,
+    dispense: dict[str, Any] | None = None,
+    attempts: int = 0,
+    actor: str = "gateway",
+) -> VendRow | None:
+    """Apply ``event`` if the vend's current state allows it; return the new row or None.
+
+    None means the compare-and-set found the vend in a state the event does not move
+    (already moved by another message or gateway, or no such vend): nothing was written.
+    """
+    allowed = sources(event)
+    # The target depends on the source only through the table; all sources of one event
+    # lead to the same state, which this asserts once per call (cheap, and it keeps the
+    # single-statement update honest if the table ever changes).
+    targets = {next_status(s, event) for s in allowed}
+    if len(targets) != 1:  # pragma: no cover - a table error, caught by the lifecycle tests
+        raise RuntimeError(f"event {event} leads to several states: {targets}")
+    (target,) = targets
+    assert target is not None  # noqa: S101  (sources() only lists allowed pairs)
+    record = await conn.fetchrow(
+        _APPLY,
+        vend_id,
+        target.value,
+        [s.value for s in allowed],
+        None if dispense is None else json.dumps(dispense),
+        target.settled,
+        attempts,
+    )
+    if record is None:
+        return None
+    row = VendRow.from_record(record)
+    from_state = VendStatus(record["from_state"])
+    await _history(conn, vend_id, from_state, target, event.value, actor, detail)
+    webhook = WEBHOOK_EVENTS.get(target)
+    if webhook is not None and from_state is not target:  # one event per state entered
+        await _enqueue_webhook(conn, row, webhook, detail)
+    return row
+
+
+async def set_attempts(conn: Conn, vend_id: str, attempts: int) -> None:
+    """Record that ``attempts`` Vend frames have been published (never decreases)."""
+    await conn.execute(
+        "UPDATE vends SET attempts = GREATEST(attempts, $2), updated_at = now() WHERE vend_id = $1",
+        vend_id,
+        attempts,
+    )
+
+
+async def get(conn: Conn, vend_id: str) -> VendRow | None:
+    """Return one vend by its API id."""
+    record = await conn.fetchrow("SELECT * FROM vends WHERE vend_id = $1", vend_id)
+    return None if record is None else VendRow.from_record(record)
+
+
+async def get_by_wire_id(conn: Conn, wire_id: int) -> VendRow | None:
+    """Return one vend by its wire id."""
+    record = await conn.fetchrow("SELECT * FROM vends WHERE wire_id = $1", wire_id)
+    return None if record is None else VendRow.from_record(record)
+
+
+async def history(conn: Conn, vend_id: str) -> list[Transition]:
+    """Return a vend's transitions, oldest first."""
+    records = await conn.fetch(
+        "SELECT from_state, to_state, event, actor, detail, at FROM vend_transitions "
+        "WHERE vend_id = $1 ORDER BY id",
+        vend_id,
+    )
+    return [
+        Transition(
+            from_state=None if r["from_state"] is None else VendStatus(r["from_state"]),
+            to_state=VendStatus(r["to_state"]),
+            event=r["event"],
+            actor=r["actor"],
+            detail=json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"],
+            at=r["at"],
+        )
+        for r in records
+    ]
+
+
+async def active(conn: Conn) -> list[VendRow]:
+    """Return every vend that is not final, in each machine's queue order (for recovery)."""
+    records = await conn.fetch(
+        "SELECT * FROM vends WHERE state = ANY($1::text[]) ORDER BY machine_id, queue_seq",
+        [s.value for s in ACTIVE],
+    )
+    return [VendRow.from_record(r) for r in records]
+
+
+async def _history(  # noqa: PLR0917  (one column each; called twice, privately)
+    conn: Conn,
+    vend_id: str,
+    from_state: VendStatus | None,
+    to_state: VendStatus,
+    event: str,
+    actor: str,
+    detail: dict[str, Any] | None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail) "
+        "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+        vend_id,
+        None if from_state is None else from_state.value,
+        to_state.value,
+        event,
+        actor,
+        None if detail is None else json.dumps(detail),
+    )
+
+
+def webhook_payload(
+    row: VendRow, event_type: str, event_id: uuid.UUID, detail: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Build the JSON body of a webhook event (documented in the README)."""
+    return {
+        "event_id": str(event_id),
+        "type": event_type,
+        "vend_id": row.vend_id,
+        "machine_id": row.machine_id,
+        "slot": row.slot,
+        "price": row.price,
+        "currency": row.currency,
+        "state": row.state.value,
+        "outcome": row.state.outcome,
+        "refund_required": row.state.outcome == "not_dispensed",
+        "dispense": row.dispense,
+        "detail": detail,
+        "occurred_at": row.updated_at.isoformat(),
+    }
+
+
+async def _enqueue_webhook(
+    conn: Conn, row: VendRow, event_type: str, detail: dict[str, Any] | None
+) -> None:
+    event_id = uuid.uuid4()
+    payload = webhook_payload(row, event_type, event_id, detail)
+    await conn.execute(
+        "INSERT INTO webhook_outbox (event_id, vend_id, event_type, payload) "
+        "VALUES ($1, $2, $3, $4::jsonb)",
+        event_id,
+        row.vend_id,
+        event_type,
+        json.dumps(payload),
+    )

@@ -1,0 +1,76 @@
+"""Fixtures for integration tests: a private Mosquitto per test, one PostgreSQL per session.
+
+Both are real servers started from `gateway.embedded`, never mocks, so a test can stop, kill or
+restart them to check how the gateway copes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from gateway.embedded import EmbeddedPostgres, Mosquitto
+
+_T = TypeVar("_T")
+_log = logging.getLogger(__name__)
+
+
+def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    # A private loop, not asyncio.run(): with a loop_factory, Runner leaves the thread's
+    # current event loop alone, so pytest-asyncio's per-test loops are not disturbed.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+@pytest_asyncio.fixture
+async def mosquitto(tmp_path: Path) -> AsyncIterator[Mosquitto]:
+    """Run a fresh broker on a free port for one test, which may stop, kill or restart it."""
+    broker = Mosquitto(tmp_path / "mosquitto")
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """Run one PostgreSQL for the whole session; tests get their own database from `database`."""
+    # Synchronous, with start and stop on a private loop: the server lives in another process
+    # and its handle is not tied to any event loop, so every test's loop can use it.
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data")
+    _run(server.start())
+    try:
+        yield server
+    finally:
+        _run(server.stop())
+
+
+@pytest_asyncio.fixture
+async def database(
+    pg_server: EmbeddedPostgres, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """Create a uniquely named database for one test, yield its DSN, then drop it."""
+    # Named after the test to make a leftover easy to trace; PostgreSQL allows 63 bytes.
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
+    name = f"t_{slug}_{uuid.uuid4().hex[:8]}"
+    dsn = await pg_server.create_database(name)
+    try:
+        yield dsn
+    finally:
+        # Best effort: a failed drop must not hide the test's own result, and the whole
+        # server is thrown away at the end of the session anyway.
+        try:
+            await pg_server.drop_database(name)
+        except (OSError, asyncpg.PostgresError):
+            # Logged, not warned: warnings are errors in this suite.
+            _log.warning("could not drop test database %s", name, exc_info=True)

@@ -1,0 +1,223 @@
+"""Storage on a real PostgreSQL: migrations, idempotent creation, compare-and-set, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from gateway.embedded import EmbeddedPostgres
+from gateway.errors import DatabaseUnavailableError
+from gateway.lifecycle import VendEvent, VendStatus
+from gateway.store import db, machines, vends
+from gateway.store.db import Conn
+from gateway.store.vends import VendRequest
+from gateway.store.writer import GroupCommitter
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(database, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await db.migrate(conn)
+        await machines.register(conn, "VM-1")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def _request(vend_id: str = "order-1", **changes: object) -> VendRequest:
+    fields: dict[str, object] = {
+        "vend_id": vend_id,
+        "machine_id": "VM-1",
+        "slot": 3,
+        "price": 350,
+        "currency": "CNY",
+        "deadline": None,
+    }
+    fields.update(changes)
+    return VendRequest(**fields)  # type: ignore[arg-type]  # test data, checked by the dataclass
+
+
+DEADLINE = datetime.now(UTC) + timedelta(minutes=1)
+
+
+async def test_migrations_apply_once_even_when_raced(database: str) -> None:
+    """Two connections migrating at once apply every file exactly once."""
+    conns = [await asyncpg.connect(database) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(db.migrate(c) for c in conns))
+        assert sorted(results[0] + results[1]) == [m.version for m in db.migrations()]
+        assert await db.migrate(conns[0]) == []
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_create_is_idempotent_and_detects_conflicts(pool: asyncpg.Pool) -> None:
+    """A repeat returns the stored vend, a different body is a conflict, a stranger is unknown."""
+    async with pool.acquire() as conn:
+        outcome, row = await vends.create(conn, _request(), DEADLINE)
+        assert outcome == "created"
+        assert row is not None
+        assert row.state is VendStatus.ACCEPTED
+        assert 0 <= row.wire_id < 2**63
+        again, same = await vends.create(conn, _request(), DEADLINE + timedelta(seconds=5))
+        assert again == "exists"
+        assert same is not None
+        assert same.wire_id == row.wire_id
+        assert same.deadline == row.deadline
+        clash, _ = await vends.create(conn, _request(price=400), DEADLINE)
+        assert clash == "conflict"
+        missing, nothing = await vends.create(
+            conn, _request("order-2", machine_id="VM-X"), DEADLINE
+        )
+        assert (missing, nothing) == ("unknown_machine", None)
+        history = await vends.history(conn, "order-1")
+        assert [(h.from_state, h.to_state) for h in history] == [(None, VendStatus.ACCEPTED)]
+
+
+async def test_apply_is_compare_and_set_with_history_and_webhook(pool: asyncpg.Pool) -> None:
+    """An event moves a vend once; a repeat changes nothing; final states enqueue one webhook."""
+    async with pool.acquire() as conn:
+        await vends.create(conn, _request(), DEADLINE)
+        sent = await vends.apply(conn, "order-1", VendEvent.PUBLISHED, attempts=1)
+        assert sent is not None
+        assert sent.state is VendStatus.SENT
+        assert sent.first_sent_at is not None
+        assert await vends.apply(conn, "order-1", VendEvent.PUBLISHED) is None
+        dispense = {"outcome": "dispensed", "reason": "none"}
+        done = await vends.apply(conn, "order-1", VendEvent.RESULT_DISPENSED, dispense=dispense)
+        assert done is not None
+        assert done.state is VendStatus.DISPENSED
+        assert done.dispense == dispense
+        assert done.settled_at is not None
+        assert await vends.apply(conn, "order-1", VendEvent.RESULT_FAILED) is None
+        events = await conn.fetch("SELECT event_type, payload FROM webhook_outbox")
+        assert [e["event_type"] for e in events] == ["vend.dispensed"]
+        history = await vends.history(conn, "order-1")
+        assert [h.to_state for h in history] == [
+            VendStatus.ACCEPTED,
+            VendStatus.SENT,
+            VendStatus.DISPENSED,
+        ]
+        assert await vends.active(conn) == []
+
+
+async def test_racing_gateways_apply_an_event_once(pool: asyncpg.Pool) -> None:
+    """Ten connections racing to settle the same vend produce one winner and one history row."""
+    async with pool.acquire() as conn:
+        await vends.create(conn, _request(), DEADLINE)
+        await vends.apply(conn, "order-1", VendEvent.PUBLISHED)
+
+    async def settle(event: VendEvent) -> bool:
+        async with pool.acquire() as conn, conn.transaction():
+            return await vends.apply(conn, "order-1", event) is not None
+
+    events = [VendEvent.RESULT_DISPENSED, VendEvent.RESULT_FAILED] * 5
+    wins = await asyncio.gather(*(settle(e) for e in events))
+    assert sum(wins) == 1
+    async with pool.acquire() as conn:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM vend_transitions WHERE from_state = 'sent'"
+        )
+        outbox = await conn.fetchval("SELECT count(*) FROM webhook_outbox")
+    assert rows == 1
+    assert outbox == 1
+
+
+async def test_operator_resolution_is_audited(pool: asyncpg.Pool) -> None:
+    """Settling an unknown vend records who did it and why."""
+    async with pool.acquire() as conn:
+        await vends.create(conn, _request(), DEADLINE)
+        await vends.apply(conn, "order-1", VendEvent.PUBLISHED)
+        assert await vends.apply(conn, "order-1", VendEvent.NO_ACK) is not None
+        row = await vends.apply(
+            conn,
+            "order-1",
+            VendEvent.OPERATOR_NOT_DISPENSED,
+            actor="operator:alice",
+            detail={"reason": "machine opened, product still in the spiral"},
+        )
+        assert row is not None
+        assert row.state is VendStatus.FAILED
+        last = (await vends.history(conn, "order-1"))[-1]
+        assert last.actor == "operator:alice"
+        assert last.detail == {"reason": "machine opened, product still in the spiral"}
+        types = [r["event_type"] for r in await conn.fetch("SELECT event_type FROM webhook_outbox")]
+        assert types == ["vend.unknown", "vend.not_dispensed"]
+
+
+async def test_active_lists_unfinished_vends_in_queue_order(pool: asyncpg.Pool) -> None:
+    """Recovery reads every vend that is not final, oldest first per machine."""
+    async with pool.acquire() as conn:
+        for i in range(4):
+            await vends.create(conn, _request(f"order-{i}"), DEADLINE)
+        await vends.apply(conn, "order-0", VendEvent.PUBLISHED)
+        await vends.apply(conn, "order-0", VendEvent.ACK_REFUSED)
+        await vends.apply(conn, "order-1", VendEvent.PUBLISHED)
+        active = await vends.active(conn)
+    assert [v.vend_id for v in active] == ["order-1", "order-2", "order-3"]
+
+
+async def test_group_commit_shares_transactions_and_isolates_a_bad_op(
+    pool: asyncpg.Pool,
+) -> None:
+    """Concurrent submissions share batches; a failing op fails alone and the rest commit."""
+    writer = GroupCommitter(pool, max_batch=64)
+    task = asyncio.create_task(writer.run(), name="test.writer")
+    try:
+
+        async def create(i: int) -> str:
+            outcome, _ = await writer.submit(
+                lambda conn: vends.create(conn, _request(f"order-{i}"), DEADLINE)
+            )
+            return outcome
+
+        async def bad(conn: Conn) -> None:
+            await conn.execute("SELECT * FROM no_such_table")
+
+        results = await asyncio.gather(
+            *(create(i) for i in range(50)), writer.submit(bad), return_exceptions=True
+        )
+        assert results[:50] == ["created"] * 50
+        assert isinstance(results[50], asyncpg.UndefinedTableError)
+        assert writer.stats.batches < 50
+        assert writer.stats.largest_batch > 1
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM vends") == 50
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_group_commit_survives_a_database_restart(tmp_path: Path) -> None:
+    """With the server down callers get a retriable error, not a hang; after a restart, it works."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    dsn = await server.start()
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    writer = GroupCommitter(pool)
+    task = asyncio.create_task(writer.run(), name="test.writer")
+    try:
+        assert await writer.submit(lambda conn: conn.fetchval("SELECT 1")) == 1
+        await server.stop()
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await writer.submit(lambda conn: conn.fetchval("SELECT 1"))
+        assert info.value.retriable
+        await server.start()
+        assert await writer.submit(lambda conn: conn.fetchval("SELECT 2")) == 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pool.terminate()
+        await server.stop()
