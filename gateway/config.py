@@ -38,6 +38,7 @@ __all__ = [
     "MqttConfig",
     "SecurityConfig",
     "VendConfig",
+    "WebhookConfig",
     "load_config",
 ]
 
@@ -117,6 +118,21 @@ def _mqtt_url(value: str) -> str | None:
     return None
 
 
+def _http_url(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL (expected http://host/path or https://host/path)"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "must name a host (https://host/path)"
+    if port == 0:
+        return "must have a port between 1 and 65535"
+    return None
+
+
 def _postgres_dsn(value: str) -> str | None:
     if value.startswith(("postgresql://", "postgres://")):
         return None
@@ -136,6 +152,14 @@ def _hex_secret(value: str) -> str | None:
     if len(value) < 2 * _MIN_SECRET_BYTES:
         return f"must be at least {2 * _MIN_SECRET_BYTES} hex digits ({_MIN_SECRET_BYTES} bytes)"
     return None
+
+
+def _min_length(low: int) -> _Check:
+    def check(value: str) -> str | None:
+        # Never quote the value: secrets use this check and the text ends up in errors.
+        return None if len(value) >= low else f"must be at least {low} characters long"
+
+    return check
 
 
 def _hide(_value: str) -> str:
@@ -190,6 +214,15 @@ def _only_one(first: str, second: str) -> _Rule:
         return None
 
     return _Rule((first, second), check)
+
+
+def _needed_with(needed: str, given: str) -> _Rule:
+    def check(needed_value: object, given_value: object) -> str | None:
+        if given_value is not None and needed_value is None:
+            return f"{needed} is required when {given} is set"
+        return None
+
+    return _Rule((needed, given), check)
 
 
 _ONE_SECRET: Final = _only_one("master_secret", "master_secret_file")
@@ -316,6 +349,29 @@ class VendConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig(_Section):
+    """Signed webhooks to the payment backend; no URL means events wait in the outbox."""
+
+    section: ClassVar[str] = "webhook"
+    rules: ClassVar[tuple[_Rule, ...]] = (
+        _needed_with("secret", "url"),
+        _not_above("retry_base_s", "retry_cap_s"),
+    )
+
+    # None: deliver nowhere; events still accumulate in the outbox until a URL is set.
+    url: str | None = field(
+        default=None, metadata=_meta(check=_http_url, redact=_hide_url_password)
+    )
+    # The HMAC-SHA256 key of the Vendgate-Signature header, shared with the receiver.
+    secret: str | None = field(default=None, metadata=_meta(check=_min_length(16), redact=_hide))
+    timeout_s: float = field(default=5.0, metadata=_meta(check=_between(0.1, 300)))
+    retry_base_s: float = field(default=1.0, metadata=_meta(check=_positive))
+    retry_cap_s: float = field(default=300.0, metadata=_meta(check=_positive))
+    concurrency: int = field(default=8, metadata=_meta(check=_between(1, 1024)))
+    poll_interval_s: float = field(default=1.0, metadata=_meta(check=_between(0.01, 3600)))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole resolved configuration, one frozen section per table."""
 
@@ -325,6 +381,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     vend: VendConfig = field(default_factory=VendConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
 
     def to_dict(self, redact: bool = True) -> dict[str, dict[str, object]]:
         """Return plain JSON-ready data for display; secrets read "***" unless redact is False."""
@@ -342,7 +399,15 @@ class Config:
 
 _SECTIONS: Final[dict[str, type[_Section]]] = {
     cls.section: cls
-    for cls in (LogConfig, MqttConfig, DatabaseConfig, HttpConfig, SecurityConfig, VendConfig)
+    for cls in (
+        LogConfig,
+        MqttConfig,
+        DatabaseConfig,
+        HttpConfig,
+        SecurityConfig,
+        VendConfig,
+        WebhookConfig,
+    )
 }
 
 _TOML_TYPE_NAMES: Final = {

@@ -10,6 +10,7 @@ from gateway.config import (
     DatabaseConfig,
     MqttConfig,
     SecurityConfig,
+    WebhookConfig,
     load_config,
 )
 from gateway.errors import ConfigError
@@ -156,7 +157,7 @@ def test_unknown_section(tmp_path: Path, layer: str, source: str, suggestion: st
 def test_unknown_without_close_match_lists_known(tmp_path: Path) -> None:
     """With nothing close to suggest, the error lists what is known instead."""
     error = load_error(tmp_path, env={"VENDGATE_ZZZ_QQQ": "1"})
-    assert "known sections: log, mqtt, database, http, security, vend" in str(error)
+    assert "known sections: log, mqtt, database, http, security, vend, webhook" in str(error)
     error = load_error(tmp_path, sets=("http.zzzzzz=1",))
     assert "known keys in http: host, port" in str(error)
 
@@ -331,6 +332,17 @@ def test_toml_int_is_accepted_as_float(tmp_path: Path) -> None:
             "security.master_secret",
             "not both",
         ),
+        (("webhook.url=ftp://backend/hook",), "webhook.url", "must start with http://"),
+        (("webhook.url=https://",), "webhook.url", "must name a host"),
+        (("webhook.url=https://backend/hook",), "webhook.secret", "secret is required when url"),
+        (
+            ("webhook.url=https://backend/hook", "webhook.secret=short"),
+            "webhook.secret",
+            "at least 16 characters",
+        ),
+        (("webhook.concurrency=0",), "webhook.concurrency", "between 1 and 1024"),
+        (("webhook.timeout_s=0",), "webhook.timeout_s", "between 0.1 and 300"),
+        (("webhook.retry_cap_s=0.5",), "webhook.retry_base_s", "retry_base_s must not exceed"),
     ],
 )
 def test_invalid_values(tmp_path: Path, sets: tuple[str, ...], key: str, fragment: str) -> None:
@@ -407,6 +419,27 @@ def test_to_dict_redacts_secrets(tmp_path: Path) -> None:
     assert plain["database"]["dsn"] == "postgresql://gw:s3cret@db:5432/vend"
 
 
+def test_webhook_section(tmp_path: Path) -> None:
+    """The webhook section loads from the environment, and to_dict hides its secret."""
+    secret = "whsec-0123456789abcdef"  # noqa: S105  (a test value, not a credential)
+    config = load(
+        tmp_path,
+        env={
+            "VENDGATE_WEBHOOK_URL": "https://hooks:pa55word@backend.example/vendgate",
+            "VENDGATE_WEBHOOK_SECRET": secret,
+            "VENDGATE_WEBHOOK_CONCURRENCY": "4",
+        },
+    )
+    assert config.webhook == WebhookConfig(
+        url="https://hooks:pa55word@backend.example/vendgate", secret=secret, concurrency=4
+    )
+    shown = config.to_dict()["webhook"]
+    assert shown["secret"] == REDACTED
+    assert shown["url"] == "https://hooks:***@backend.example/vendgate"
+    assert shown["retry_cap_s"] == 300.0
+    assert Config().webhook.url is None  # no URL: events wait in the outbox
+
+
 def test_unset_secret_is_none_not_redacted() -> None:
     """An unset secret reads None, so the display shows it is missing."""
     assert Config().to_dict()["mqtt"]["password"] is None
@@ -420,6 +453,8 @@ def test_unset_secret_is_none_not_redacted() -> None:
         ("[mqtt]\npassword = 424242\n", {}, (), "424242"),
         (None, {}, ("security.master_secret=" + SECRET, "security.master_secret_file=/x"), SECRET),
         (None, {"VENDGATE_DATABASE_DSN": "mysql://u:pa55word@db/x"}, (), "pa55word"),
+        (None, {"VENDGATE_WEBHOOK_SECRET": "too-short"}, (), "too-short"),
+        (None, {"VENDGATE_WEBHOOK_URL": "ftp://u:pa55word@backend/x"}, (), "pa55word"),
     ],
 )
 def test_errors_never_show_secrets(
