@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Final
 
 from gateway import __version__
 from gateway.config import Config, LogFormat, LogLevel, load_config
-from gateway.errors import ConfigError
+from gateway.errors import BrokerUnavailableError, ConfigError
 from gateway.logs import configure_logging
 
 if TYPE_CHECKING:
+    from gateway import simulator as simulator_types
+
     # argparse exposes the type of add_subparsers() only under a private name.
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001
 
@@ -148,10 +150,256 @@ def _register_frame(commands: Subcommands) -> None:
     decode.set_defaults(handler=_frame_decode)
 
 
+# ---------------------------------------------------------------------------------------------
+# simulate
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text}")
+    return value
+
+
+def _broker_address(url: str, source: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit  # noqa: PLC0415  (only this command needs it)
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 1883
+    except ValueError:
+        port = 0
+        parts = urlsplit("")
+    if parts.scheme != "mqtt" or not parts.hostname or not 0 < port < 65536:
+        raise ConfigError(
+            f"broker {url!r} is not mqtt://host:port (the simulator speaks plain MQTT only)",
+            source=source,
+            key="mqtt.url",
+        )
+    return parts.hostname, port
+
+
+def _simulate(args: argparse.Namespace, config: Config) -> int:
+    import asyncio  # noqa: PLC0415  (only this command needs it)
+
+    from gateway import simulator  # noqa: PLC0415
+
+    if args.broker is not None:
+        host, port = _broker_address(args.broker, "--broker")
+    elif config.mqtt.url is not None:
+        host, port = _broker_address(config.mqtt.url, "configuration")
+    else:
+        raise ConfigError(
+            "no broker to connect to: pass --broker mqtt://host:port or set mqtt.url",
+            source="command line",
+            key="mqtt.url",
+        )
+    secret = config.security.master_secret_bytes()
+    if secret is None:
+        raise ConfigError(
+            "security.master_secret (or master_secret_file) is not set; the simulated "
+            "machines derive their keys from it",
+            source="configuration",
+            key="security.master_secret",
+        )
+    try:
+        settings = simulator.FleetSettings(
+            broker_host=host,
+            broker_port=port,
+            master_secret=secret,
+            machines=args.machines,
+            topic_prefix=config.mqtt.topic_prefix,
+            dispense_ms=args.dispense_ms,
+            # The default turn is 1.5 s +- 0.5 s; shorter turns keep the same proportion.
+            dispense_jitter_ms=min(args.dispense_ms // 3, 500),
+            jam_rate=args.jam_rate,
+            no_drop_rate=args.no_drop_rate,
+            reboot_rate=args.reboot_rate,
+            seed=args.seed,
+            dispense_log=args.dispense_log,
+        )
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        summary = asyncio.run(_run_fleet(settings, args.duration))
+    except BrokerUnavailableError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"simulate: {summary}")
+    return 0
+
+
+async def _run_fleet(settings: simulator_types.FleetSettings, duration_s: float) -> str:
+    import asyncio  # noqa: PLC0415  (only this command needs it)
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from gateway.simulator import Fleet  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C and SIGTERM end the run cleanly (offline presence, summary); signal handlers
+    # can only be installed from the main thread.
+    handled = (
+        (signal.SIGINT, signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread()
+        else ()
+    )
+    for signum in handled:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Fleet(settings) as fleet:
+            if duration_s > 0:
+                loop.call_later(duration_s, stop.set)
+            await fleet.run_until(stop)
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    return fleet.summary()
+
+
+def _register_simulate(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "simulate",
+        help="run a fleet of simulated vending machines against a broker",
+        description="Connect N reference machines (protocols.device), each on its own MQTT "
+        "connection, serve the gateway's vends with simulated motors and faults, and print "
+        "a one-line summary (motor turns by outcome, vend ids turned more than once).",
+    )
+    parser.add_argument("--machines", type=_int_at_least(1), default=10, metavar="N")
+    parser.add_argument(
+        "--duration",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="seconds to run; 0 (the default) runs until Ctrl-C",
+    )
+    parser.add_argument(
+        "--broker", metavar="mqtt://HOST:PORT", help="the broker (default: mqtt.url)"
+    )
+    parser.add_argument(
+        "--dispense-ms",
+        type=_int_at_least(0),
+        default=1500,
+        metavar="MS",
+        help="motor run time per vend",
+    )
+    parser.add_argument("--jam-rate", type=_rate, default=0.0, help="share of vends that jam")
+    parser.add_argument(
+        "--no-drop-rate",
+        type=_rate,
+        default=0.0,
+        help="share of vends where the sensor sees no drop",
+    )
+    parser.add_argument(
+        "--reboot-rate",
+        type=_rate,
+        default=0.0,
+        help="share of vends cut short by a power loss (the machine reboots)",
+    )
+    parser.add_argument(
+        "--dispense-log",
+        type=Path,
+        metavar="PATH",
+        help="append every motor turn to this JSON-lines file",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the simulated faults")
+    parser.set_defaults(handler=_simulate)
+
+
+# ---------------------------------------------------------------------------------------------
+# run, migrate
+
+
+def _run_gateway(_args: argparse.Namespace, config: Config) -> int:
+    import asyncio  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from gateway.app import Gateway  # noqa: PLC0415  (only this command needs the service)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Gateway(config).run(stop)
+
+    asyncio.run(serve())
+    return 0
+
+
+def _register_run(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the gateway until SIGINT or SIGTERM",
+        description="Run the gateway. With no database.dsn it starts PostgreSQL from the "
+        "pgserver wheel in database.data_dir; with no mqtt.url it starts a private Mosquitto.",
+    )
+    parser.set_defaults(handler=_run_gateway)
+
+
+def _migrate(_args: argparse.Namespace, config: Config) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from gateway.embedded import EmbeddedPostgres  # noqa: PLC0415
+    from gateway.store import db  # noqa: PLC0415
+
+    async def migrate() -> list[int]:
+        server = None
+        dsn = config.database.dsn
+        if dsn is None:
+            server = EmbeddedPostgres(config.database.data_dir)
+            dsn = await server.start()
+        try:
+            pool = await db.create_pool(dsn, min_size=1, max_size=1)
+            try:
+                async with pool.acquire() as conn:
+                    return await db.migrate(conn)
+            finally:
+                await pool.close()
+        finally:
+            if server is not None:
+                await server.stop()
+
+    applied = asyncio.run(migrate())
+    print(f"applied migrations: {applied}" if applied else "database schema is up to date")
+    return 0
+
+
+def _register_migrate(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "migrate",
+        help="apply pending database migrations and exit",
+        description="Apply the versioned SQL migrations (the gateway also does at start-up).",
+    )
+    parser.set_defaults(handler=_migrate)
+
+
 _COMMANDS: Final[tuple[Callable[[Subcommands], None], ...]] = (
     _register_config,
     _register_demo,
     _register_frame,
+    _register_migrate,
+    _register_run,
+    _register_simulate,
 )
 
 

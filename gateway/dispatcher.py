@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from gateway.errors import GatewayError
 from gateway.keys import KeyRing
-from gateway.lifecycle import Timing, VendEvent, VendStatus
+from gateway.lifecycle import WEBHOOK_EVENTS, Timing, VendEvent, VendStatus
 from gateway.logs import get_logger
 from gateway.metrics import VendMetrics
 from gateway.store import vends
@@ -140,6 +140,7 @@ class Dispatcher:
         metrics: VendMetrics,
         clock: Callable[[], float] = time.time,
         max_tasks: int = 1024,
+        on_webhook: Callable[[], None] | None = None,
     ) -> None:
         self._writer = writer
         self._publisher = publisher
@@ -148,6 +149,7 @@ class Dispatcher:
         self._timing = timing
         self._metrics = metrics
         self._clock = clock
+        self._on_webhook = on_webhook
         self._vends: dict[str, Tracked] = {}
         self._by_wire: dict[int, str] = {}
         self._queues: dict[str, deque[str]] = {}
@@ -335,6 +337,8 @@ class Dispatcher:
             t.state = state
             if not state.is_final:
                 self._metrics.in_flight.labels(state.value).inc()
+            if state in WEBHOOK_EVENTS and self._on_webhook is not None:
+                self._on_webhook()  # an outbox event was committed with the change
         if state.settled and self._current.get(t.machine_id) == t.vend_id:
             del self._current[t.machine_id]
             self._spawn(self._advance(t.machine_id), f"gateway.dispatch.{t.machine_id}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
@@ -43,16 +45,22 @@ async def mosquitto(tmp_path: Path) -> AsyncIterator[Mosquitto]:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def pg_server() -> Iterator[EmbeddedPostgres]:
     """Run one PostgreSQL for the whole session; tests get their own database from `database`."""
     # Synchronous, with start and stop on a private loop: the server lives in another process
     # and its handle is not tied to any event loop, so every test's loop can use it.
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data")
+    # Its data lives outside pytest's base temp folder: run as root, pgserver opens the
+    # folders above the data directory to its own user, and a concurrent pytest run resets
+    # /tmp/pytest-of-<user> to 0700, which would cut the server off mid-session.
+    root = Path(tempfile.mkdtemp(prefix="vendgate-test-pg-"))
+    root.chmod(0o755)
+    server = EmbeddedPostgres(root / "data")
     _run(server.start())
     try:
         yield server
     finally:
         _run(server.stop())
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -105,6 +105,13 @@ class GroupCommitter:
                     if not item.future.done():
                         item.future.cancel()
                 raise
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far has been committed or failed."""
+        await self._queue.join()
 
     async def _commit(self, batch: list[_Item[Any]]) -> None:
         live = [item for item in batch if not item.future.cancelled()]
