@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -279,6 +280,8 @@ def _import_pgserver() -> ModuleType:
         warnings.filterwarnings("ignore", module=r"platformdirs(\.|$)")
         import pgserver  # noqa: PLC0415 -- imported lazily, inside the warning filter above
 
+    # pgserver logs every command it runs, with its whole output, at INFO.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     return pgserver
 
 

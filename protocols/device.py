@@ -211,6 +211,8 @@ class DeviceSettings:
     result_retry_ms: tuple[int, ...] = (2_000, 4_000, 8_000, 16_000, 30_000)
     time_resync_ms: int = 6 * 3600 * 1000
     max_time_rtt_ms: int = 2_000
+    #: Least time between two time requests made outside the heartbeat (SPEC §9).
+    time_request_interval_ms: int = 5_000
     bad_mac_answer_interval_ms: int = 10_000
     #: Consecutive failed dispenses after which a slot is taken out of service.
     slot_fault_limit: int = 3
@@ -441,7 +443,11 @@ class Device:
         code = self._refusal(vend, now_ms)
         if code.is_transient:
             self._count(f"refused_{code.name.lower()}")
-            return [self._ack(vend, code, duplicate=False)]
+            actions: list[Action] = [self._ack(vend, code, duplicate=False)]
+            if code is AckCode.CLOCK_UNSYNCED and self._may_ask_time(now_ms):
+                # Ask now rather than at the next heartbeat: the gateway is waiting (SPEC §9).
+                actions.append(self._heartbeat(now_ms, want_time=True))
+            return actions
         if not self._make_room(now_ms):
             if code is AckCode.EXPIRED and vend.deadline <= self.log_floor:
                 # The durable floor refuses this deadline forever, so the answer is final
@@ -671,9 +677,15 @@ class Device:
         self._clock_offset_ms = time.now_ms + rtt // 2 - now_ms
         self._last_sync_ms = now_ms
 
-    def _heartbeat(self, now_ms: int) -> Publish:
+    def _may_ask_time(self, now_ms: int) -> bool:
+        """Whether a new time request is allowed: none outstanding for the last interval."""
+        request = self._time_request
+        return request is None or now_ms - request[1] >= self.settings.time_request_interval_ms
+
+    def _heartbeat(self, now_ms: int, *, want_time: bool = False) -> Publish:
         want_time = (
-            self._clock_offset_ms is None
+            want_time
+            or self._clock_offset_ms is None
             or now_ms - self._last_sync_ms >= self.settings.time_resync_ms
         )
         frame = self._uplink(

@@ -1024,3 +1024,19 @@ def test_stock_and_failure_count_survive_a_reboot() -> None:
     h.connect()
     assert h.device.slots[1].stock == 4
     assert h.device.slots[1].consecutive_failures == 1
+
+
+def test_an_unsynced_refusal_also_asks_for_the_time_at_most_every_interval() -> None:
+    """A CLOCK_UNSYNCED refusal comes with a time request, rate-limited, and Time then works."""
+    h = Harness()
+    h.connect(sync=False)
+    h.configure()
+    h.advance(h.settings.time_request_interval_ms)
+    frames = h.vend(1)
+    assert single_ack(frames).code is AckCode.CLOCK_UNSYNCED
+    (request,) = only(frames, Heartbeat)
+    assert request.want_time
+    assert only(h.vend(2), Heartbeat) == []  # within the interval: no second request
+    h.answer_time(request)
+    assert synced(h)
+    assert single_ack(h.vend(1, attempt=2)).code is AckCode.ACCEPTED
