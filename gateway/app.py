@@ -10,6 +10,7 @@ the next start), let the writer drain, close MQTT, then the pool, then embedded 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import socket
@@ -41,6 +42,7 @@ from protocols.topics import QOS, Channel, Topics
 log = get_logger("gateway.app")
 
 SECRET_FILE = "master_secret"  # noqa: S105  (a file name, not a secret)
+CLIENT_ID_FILE = "mqtt_client_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +115,7 @@ class Gateway:
                 MqttSettings(
                     host=host,
                     port=port,
-                    client_id=config.mqtt.client_id
-                    or f"vendgate-{socket.gethostname()}-{os.getpid()}",
+                    client_id=self._client_id(stack),
                     username=config.mqtt.username,
                     password=config.mqtt.password,
                     keepalive_s=config.mqtt.keepalive_s,
@@ -207,6 +208,41 @@ class Gateway:
         log.info("embedded_mosquitto_started", url=broker.url)
         return broker.host, broker.port
 
+    def _client_id(self, stack: AsyncExitStack) -> str:
+        """Return ``mqtt.client_id``, or this installation's own id, kept in the state folder.
+
+        The MQTT session outlives the process (`MqttSettings.session_expiry_s`), and a session
+        that nobody resumes keeps its place in the shared subscription: the broker goes on
+        handing it its share of the uplinks and queues them for a client that never returns
+        (MQTT 5 §4.8.2 lets it; Mosquitto does). A gateway that restarts, after a crash
+        above all, must therefore come back under the same id, resume its session and get
+        what was queued for it. The file is locked while the gateway runs; a second gateway
+        on the same state folder gets a one-off id, and a warning, because its session will
+        be orphaned when it stops.
+        """
+        if self.config.mqtt.client_id is not None:
+            return self.config.mqtt.client_id
+        path = self.state_dir / CLIENT_ID_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="ascii")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            one_off = f"vendgate-{socket.gethostname()}-{os.getpid()}"
+            log.warning("mqtt_client_id_in_use", path=str(path), client_id=one_off)
+            return one_off
+        stack.callback(handle.close)  # holds the lock until the gateway has stopped
+        handle.seek(0)
+        client_id = handle.read().strip()
+        if not client_id:
+            client_id = f"vendgate-{socket.gethostname()}-{secrets.token_hex(4)}"
+            handle.write(client_id + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            log.info("mqtt_client_id_created", path=str(path), client_id=client_id)
+        return client_id
+
     def _master_secret(self) -> bytes:
         """Return the configured master secret, or a development one kept in the state folder."""
         secret = self.config.security.master_secret_bytes()
@@ -242,7 +278,3 @@ def _bound_port(site: web.TCPSite) -> int:
     for sock in sockets:
         return int(sock.getsockname()[1])
     raise RuntimeError("the HTTP site has no socket")
-
-
-def _client_id() -> str:
-    return f"vendgate-{socket.gethostname()}-{os.getpid()}"

@@ -37,9 +37,11 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from gateway.checker import VendFact, check
 from gateway.embedded import EmbeddedPostgres, Mosquitto
+from gateway.lifecycle import NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
-from gateway.simulator import Fleet, FleetSettings, read_dispense_log
+from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
 from gateway.store import db
 from gateway.webhooks import verify
 from protocols.codec import FrameKey, encode
@@ -327,7 +329,7 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
     settings: BenchSettings,
     load: dict[str, Any],
     rows: list[asyncpg.Record],
-    turns: list[Any],
+    turns: list[DispenseRecord],
     receiver: Receiver,
     settled: bool,
     elapsed: float,
@@ -335,29 +337,13 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
     rss_mb: float,
     work: Path,
 ) -> dict[str, Any]:
-    motor = Counter(t.vend_id for t in turns)
-    dispensed_turns = {t.vend_id for t in turns if t.outcome == "DISPENSED"}
-    final_hooks: dict[str, str] = {}
-    hook_dupes = 0
-    for event in receiver.events.values():
-        if event["type"] in ("vend.dispensed", "vend.not_dispensed"):
-            if event["vend_id"] in final_hooks:
-                hook_dupes += 1
-            final_hooks[event["vend_id"]] = event["outcome"]
-    states = Counter(r["state"] for r in rows)
-    not_dispensed = {"failed", "rejected", "expired"}
-    duplicates = sum(1 for n in motor.values() if n > 1)
-    lost = sum(1 for r in rows if r["state"] not in not_dispensed | {"dispensed"})
-    conflicts = 0
-    for r in rows:
-        turned = r["wire_id"] in dispensed_turns
-        if (r["state"] == "dispensed") != turned and r["state"] != "unknown":
-            conflicts += 1
-        hook = final_hooks.get(r["vend_id"])
-        if hook is not None and hook != (
-            "dispensed" if r["state"] == "dispensed" else "not_dispensed"
-        ):
-            conflicts += 1
+    verdict = check(
+        [VendFact(r["vend_id"], r["wire_id"], VendStatus(r["state"])) for r in rows],
+        turns,
+        receiver.events.values(),
+        expect_webhooks=True,
+    )
+    not_dispensed = {s.value for s in NOT_DISPENSED}
     final_rows = [r for r in rows if r["state"] in not_dispensed | {"dispensed"}]
     latencies = [float(r["latency_ms"]) for r in final_rows if r["latency_ms"] is not None]
     window = (
@@ -370,14 +356,15 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
         "machines": settings.machines,
         "vends_requested": settings.vends,
         "vends_accepted": load["accepted"],
-        "vends_dispensed": states.get("dispensed", 0),
-        "vends_not_dispensed": sum(states.get(s, 0) for s in not_dispensed),
-        "vends_unknown": states.get("unknown", 0),
-        "duplicates": duplicates,
-        "lost": lost,
-        "conflicts": conflicts,
-        "webhook_final_events": len(final_hooks),
-        "webhook_duplicate_events": hook_dupes,
+        "vends_dispensed": verdict.by_state.get(VendStatus.DISPENSED, 0),
+        "vends_not_dispensed": sum(verdict.by_state.get(s, 0) for s in NOT_DISPENSED),
+        "vends_unknown": verdict.unknown,
+        "duplicates": verdict.duplicates,
+        "lost": verdict.lost,
+        "conflicts": verdict.conflicts,
+        "webhooks_missing": verdict.webhooks_missing,
+        "webhook_duplicate_events": verdict.webhook_duplicates,
+        "problems": verdict.problems[:20],
         "webhook_bad_signatures": receiver.bad_signatures,
         "throughput_vps": round(completed / window, 1) if window > 0 else 0.0,
         "latency_ms": {

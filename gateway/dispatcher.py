@@ -91,6 +91,8 @@ class Tracked:
     sent: float | None = None
     acked: float | None = None
     queries: int = 0
+    #: The machine itself said it cannot tell (UNCERTAIN): queries cannot settle it.
+    uncertain: bool = False
     #: The live timer of each kind; a newer timer of a kind replaces the older one.
     timers: dict[str, int] = field(default_factory=dict)
 
@@ -348,7 +350,7 @@ class Dispatcher:
             )
             self._vends.pop(t.vend_id, None)
             self._by_wire.pop(t.wire_id, None)
-        elif state is VendStatus.UNKNOWN:
+        elif state is VendStatus.UNKNOWN and before is not VendStatus.UNKNOWN:
             self._push(self._clock(), "query", t)
 
     # --- timers -------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ class Dispatcher:
                 )
             elif kind == "result_deadline" and t.state is VendStatus.ACKNOWLEDGED:
                 await self._apply(t, VendEvent.NO_RESULT)
-            elif kind == "query" and t.state is VendStatus.UNKNOWN:
+            elif kind == "query" and t.state is VendStatus.UNKNOWN and not t.uncertain:
                 await self._query(t, now)
 
     async def _query(self, t: Tracked, now: float) -> None:
@@ -468,10 +470,16 @@ class Dispatcher:
             await self._ack_settled_result(machine_id, wire_id, dispense)
             return
         async with self._lock(machine_id):
+            if t.uncertain and dispense.outcome is Outcome.UNCERTAIN:
+                # Recorded already; the machine re-sends it until acknowledged.
+                await self._send(machine_id, ResultAck(vend_id=wire_id))
+                return
             was_acknowledged = t.state is VendStatus.ACKNOWLEDGED
             event = _RESULT_EVENTS[dispense.outcome]
             detail = {"reason": dispense.reason.name} if dispense.reason.value else None
             row = await self._apply(t, event, detail, dispense=dispense)
+            if dispense.outcome is Outcome.UNCERTAIN and t.state is VendStatus.UNKNOWN:
+                t.uncertain = True  # only an operator can settle it now (SPEC §7.6)
             if row is None and not t.state.is_final and t.state is not VendStatus.UNKNOWN:
                 return  # not a state a result can settle; the machine re-sends it later
             if was_acknowledged and row is not None and t.acked is not None:

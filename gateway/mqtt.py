@@ -1,0 +1,747 @@
+"""The gateway's MQTT 5 link: the only module that imports gmqtt.
+
+`MqttLink` connects, subscribes, hands every message to one async handler, acknowledges a
+QoS 1 message only when the handler has returned, and reconnects by itself. Everything gmqtt
+does is hidden behind it, so the client library can be swapped without touching callers.
+
+How it uses gmqtt (0.8), and why:
+
+* One gmqtt ``Client`` per network connection. gmqtt's own reconnect is switched off
+  (`_OneConnectionClient.reconnect`); `MqttLink` reconnects with a fresh client and its own
+  jittered backoff. A PUBACK can then only ever be written to the connection its PUBLISH came
+  on: the broker redelivers what a dead connection left unacknowledged (MQTT 5 §4.4), and a
+  late PUBACK cannot acknowledge the redelivered copy before it has been handled.
+* ``optimistic_acknowledgement=False`` with an async ``on_message``: gmqtt sends the PUBACK,
+  with the reason code ``on_message`` returns, once that coroutine has finished.
+* gmqtt does not say when a PUBLISH of ours is acknowledged. It keeps unacknowledged packets
+  in a pluggable store and removes them on PUBACK; `_PubackWaiters` is that store, with a
+  future per packet id. (gmqtt ignores the PUBACK reason code, so a refusal such as 0x87
+  "not authorized" is indistinguishable from success here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv50
+
+from gateway.errors import BrokerUnavailableError, ConfigError, GatewayError, ShuttingDownError
+from gateway.logs import get_logger
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+__all__ = ["MessageHandler", "MqttLink", "MqttSettings"]
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+"""Called with (topic, payload) for every message; the topic is the real one, not a filter."""
+
+_PUBACK_SUCCESS: Final = 0
+# MQTT 5 §3.2.2.2: CONNACK refusals that retrying with the same settings cannot fix (bad
+# credentials, not authorised, banned, malformed, unsupported...). Same list as gmqtt's.
+_PERMANENT_CONNACK_CODES: Final = frozenset(
+    {0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B, 0x9C, 0x9D}
+)
+# MQTT 5 §3.3.1.3 Retain Handling 1: send retained messages only for a new subscription, so
+# subscribing again on every connection does not replay them.
+_RETAIN_IF_NEW: Final = 1
+_CLOSE_TIMEOUT_S: Final = 2.0
+_MAX_EXPONENT: Final = 30
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """How to reach the broker and how to behave on it."""
+
+    host: str
+    port: int
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 30
+    # MQTT 5 flow control: at most this many unacknowledged QoS 1 messages in flight to us.
+    receive_maximum: int = 1000
+    # A persistent session, so uplinks queue at the broker while we reconnect (SPEC §3.5).
+    session_expiry_s: int = 3600
+    # Only the first connection may start clean; reconnections always resume the session.
+    # (Mosquitto 2.0.11 does not restore a session begun with Clean Start = 1 after it
+    # restarts, measured; such a session is simply subscribed again.)
+    clean_start: bool = False
+    reconnect_base_s: float = 0.2
+    reconnect_cap_s: float = 10.0
+    # One attempt: TCP connect, CONNACK and SUBACK.
+    connect_timeout_s: float = 10.0
+    # publish(): waiting for a connection plus waiting for the PUBACK.
+    publish_timeout_s: float = 10.0
+    # How long handlers may run on once their connection ends or the link closes.
+    drain_timeout_s: float = 5.0
+
+
+class _End(enum.Enum):
+    """Why a connection is being retired."""
+
+    LOST = "lost"  # the broker or the network closed it
+    RECYCLE = "recycle"  # a handler failed retriably: reconnect so the broker redelivers
+    SHUTDOWN = "shutdown"  # the link is closing
+
+
+def _as_int(value: Any) -> int:  # noqa: ANN401 -- gmqtt hands out untyped values
+    # gmqtt's property values come as one-element lists; flags come as plain ints.
+    if isinstance(value, list | tuple):
+        value = value[0]
+    return int(value)
+
+
+class _OneConnectionClient(gmqtt.Client):  # type: ignore[misc] # gmqtt ships no types
+    """A gmqtt client used for exactly one network connection."""
+
+    async def reconnect(self, delay: bool = False) -> None:  # noqa: ARG002
+        # gmqtt schedules this itself on connection loss and on retryable CONNACK refusals.
+        # Doing nothing leaves reconnecting to MqttLink, which needs a fresh connection (and
+        # a fresh client) each time; two reconnect loops would take the session from each
+        # other. (stop_reconnect() is not enough: it still allows one attempt.)
+        return
+
+
+class _PubackWaiters:
+    """gmqtt's store of unacknowledged outgoing PUBLISH packets, resolving a future on PUBACK.
+
+    gmqtt calls `push_message` synchronously inside ``Client.publish`` and
+    `remove_message_by_mid` on PUBACK. It would replay stored packets after a reconnect;
+    a client here never reconnects, and publishers re-send on the next connection instead.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._last: asyncio.Future[bool] | None = None
+        self._released = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    # --- the interface gmqtt's Client uses ---
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:  # noqa: ARG002
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[mid] = future
+        self._last = future
+        self._empty.clear()
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        future = self._waiting.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(True)
+        self._released.set()
+        if not self._waiting:
+            self._empty.set()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._waiting
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    def clear(self) -> None:
+        self.release_all()
+
+    def get_all(self) -> list[tuple[int, bytes]]:
+        return []
+
+    # --- for MqttLink ---
+
+    def take_last(self) -> asyncio.Future[bool]:
+        """Return the future of the packet the last ``Client.publish`` stored."""
+        future, self._last = self._last, None
+        if future is None:
+            raise RuntimeError("gmqtt did not store the QoS 1 packet it sent")
+        return future
+
+    async def wait_released(self) -> None:
+        """Wait until a packet id is freed (a PUBACK arrives, or the connection ends)."""
+        self._released.clear()
+        await self._released.wait()
+
+    def release_all(self) -> None:
+        """Resolve every waiter with False: the connection is gone, publish again elsewhere."""
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_result(False)
+        self._released.set()
+        self._empty.set()
+
+
+class _Connection:
+    """One network connection to the broker, on its own single-use gmqtt client."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        receive: Callable[[_Connection, str, bytes, int], Awaitable[int]],
+        log: FilteringBoundLogger,
+        *,
+        clean_start: bool,
+    ) -> None:
+        self.acks = _PubackWaiters()
+        self.handlers: set[asyncio.Task[bool]] = set()
+        self._accepting = True
+        self.session_present = False
+        self.unacked = 0  # QoS 1 messages received and not yet acknowledged
+        self.overrun_logged = False
+        self.ended = asyncio.Event()
+        self.end_reason = _End.LOST
+        self.closed = asyncio.Event()
+        self._receive = receive
+        self._log = log
+        self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
+        self._client: Any = _OneConnectionClient(
+            settings.client_id,
+            clean_session=clean_start,
+            optimistic_acknowledgement=False,
+            persistent_storage=self.acks,
+            # CONNECT properties (MQTT 5 §3.1.2.11).
+            session_expiry_interval=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum,
+        )
+        if settings.username is not None:
+            self._client.set_auth_credentials(settings.username, settings.password)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
+    async def open(self, settings: MqttSettings, subscriptions: Sequence[tuple[str, int]]) -> None:
+        """Connect and subscribe; raises OSError, TimeoutError or gmqtt.MQTTConnectError."""
+        await self._client.connect(
+            settings.host, settings.port, keepalive=settings.keepalive_s, version=MQTTv50
+        )
+        if not subscriptions:
+            return
+        if self.ended.is_set():
+            raise ConnectionError("connection lost before SUBSCRIBE")
+        # Subscribe on every connection, not only when the broker lost the session
+        # (session_present = 0): it costs one round trip, picks up filters added since the
+        # session was created, and Mosquitto 2.0.11 restores sessions after a restart but
+        # not their shared subscriptions (measured: session_present = 1, yet messages
+        # published before we subscribe again are dropped). Shared filters
+        # ("$share/group/...", MQTT 5 §4.8.2) go through gmqtt unchanged.
+        mid = self._client.subscribe(
+            [
+                gmqtt.Subscription(topic, qos=qos, retain_handling_options=_RETAIN_IF_NEW)
+                for topic, qos in subscriptions
+            ]
+        )
+        suback: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+        self._subacks[_as_int(mid)] = suback
+        codes = await suback
+        refused = [
+            (topic, code)
+            for (topic, _), code in zip(subscriptions, codes, strict=False)
+            if code >= 0x80
+        ]
+        if refused:
+            raise _SubscriptionRefusedError(refused)
+
+    def usable(self) -> bool:
+        """Whether publishing on this connection can still work."""
+        return not self.closed.is_set() and not (
+            self.ended.is_set() and self.end_reason is _End.LOST
+        )
+
+    def accepting(self) -> bool:
+        """Whether new messages may start handlers; once retiring they stay unacknowledged."""
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def end(self, reason: _End) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    async def close(self) -> None:
+        """Disconnect (the session stays, MQTT 5 §3.1.2.11.2) and close the socket."""
+        try:
+            # A lost connection has no socket left to write a DISCONNECT to.
+            if not (self.ended.is_set() and self.end_reason is _End.LOST):
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await self._client.disconnect()
+        except (OSError, TimeoutError) as exc:
+            self._log.debug("mqtt.close_failed", error=repr(exc))
+        finally:
+            self.acks.release_all()
+            self.closed.set()
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, *, retain: bool, properties: dict[str, int]
+    ) -> asyncio.Future[bool] | None:
+        """Write a PUBLISH; for QoS 1 return a future that says whether it was acknowledged.
+
+        Raises OverflowError when every packet id is in use: gmqtt sizes its id pool from the
+        broker's Receive Maximum (MQTT 5 §4.9), which caps our QoS 1 messages awaiting PUBACK.
+        """
+        if not self.usable():
+            gone: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            gone.set_result(False)
+            return gone
+        self._client.publish(topic, payload, qos=qos, retain=retain, **properties)
+        return self.acks.take_last() if qos else None
+
+    # --- gmqtt callbacks: the first argument is the client ---
+
+    def _on_connect(self, _client: object, flags: object, _rc: object, _props: object) -> None:
+        self.session_present = bool(_as_int(flags))
+
+    def _on_disconnect(self, _client: object, _packet: object, _exc: object = None) -> None:
+        self.end(_End.LOST)
+        for future in self._subacks.values():
+            if not future.done():
+                future.set_exception(ConnectionError("connection lost before SUBACK"))
+        self._subacks.clear()
+
+    def _on_subscribe(self, _client: object, mid: object, codes: object, _props: object) -> None:
+        future = self._subacks.pop(_as_int(mid), None)
+        if future is not None and not future.done() and isinstance(codes, tuple | list):
+            future.set_result(tuple(int(code) for code in codes))
+
+    async def _on_message(
+        self, _client: object, topic: str | bytes, payload: bytes, qos: int, _props: object
+    ) -> int:
+        if isinstance(topic, bytes):  # gmqtt passes bytes when the topic is not UTF-8
+            topic = topic.decode("utf-8", errors="replace")
+        return await self._receive(self, topic, bytes(payload), qos)
+
+
+class _SubscriptionRefusedError(Exception):
+    def __init__(self, refused: list[tuple[str, int]]) -> None:
+        super().__init__(refused)
+        self.refused = refused
+
+    def __str__(self) -> str:
+        return ", ".join(f"{topic!r} (reason 0x{code:02x})" for topic, code in self.refused)
+
+
+class MqttLink:
+    """A self-healing MQTT 5 connection that acknowledges messages after handling them.
+
+    Use as ``async with MqttLink(settings, handler, subscriptions) as link``. A QoS 1
+    message is acknowledged when ``handler`` returns, or when it raises an error that is not
+    retriable (logged and counted: retrying cannot help, and an unacknowledged message holds
+    a slot of the receive window). A `GatewayError` with ``retriable = True`` leaves the
+    message unacknowledged and makes the link reconnect after a backoff, so that the broker
+    delivers it again (MQTT 5 §4.4).
+
+    In flight: the broker must not send more than ``receive_maximum`` unacknowledged QoS 1
+    messages (MQTT 5 §3.1.2.11.3, §4.9), and a message stays unacknowledged until its
+    handler is done, so the broker's window bounds the handlers in flight. Mosquitto 2.0
+    overshoots that window once PUBACKs start flowing (eclipse-mosquitto/mosquitto#2301;
+    measured here: 345 in flight for a window of 5), so the link also caps running handlers
+    at ``receive_maximum`` itself; messages beyond the cap wait, unacknowledged, for a slot.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handler: MessageHandler,
+        subscriptions: Sequence[tuple[str, int]],
+        *,
+        logger: FilteringBoundLogger | None = None,
+    ) -> None:
+        for topic, qos in subscriptions:
+            # SPEC §3.2: QoS 1 everywhere. QoS 2 would need a PUBREC after the handler,
+            # which this link does not implement.
+            if qos not in (0, 1):
+                raise ValueError(f"subscription {topic!r}: QoS must be 0 or 1, not {qos}")
+        self.settings = settings
+        self.stats: dict[str, int] = {
+            "received": 0,
+            "handled": 0,
+            "handler_errors": 0,
+            "left_unacked": 0,
+            "reconnects": 0,
+            "published": 0,
+            # QoS 1 messages received beyond receive_maximum unacknowledged ones (a broker bug).
+            "broker_overruns": 0,
+        }
+        self._log = (logger or get_logger(__name__)).bind(
+            mqtt_client_id=settings.client_id, broker=f"{settings.host}:{settings.port}"
+        )
+        self._handler = handler
+        self._subscriptions = tuple(subscriptions)
+        # The connection publish() may use: set from SUBACK until it is closed.
+        self._conn: _Connection | None = None
+        self._changed = asyncio.Condition()
+        self._closing = False
+        self._failure: GatewayError | None = None
+        self._retriable_streak = 0
+        self._slots = asyncio.Semaphore(settings.receive_maximum)
+        self._tg: asyncio.TaskGroup | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._interruptible = False  # the supervisor is backing off or connecting
+        self._ready: asyncio.Future[None] | None = None
+        # gmqtt runs each on_message in a task of its own and keeps no reference to it.
+        self._receivers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link is connected and subscribed right now."""
+        conn = self._conn
+        return conn is not None and conn.usable()
+
+    async def __aenter__(self) -> Self:
+        """Connect (retrying with backoff) and subscribe; return once both are done."""
+        if self._tg is not None:
+            raise RuntimeError("an MqttLink can be entered only once")
+        self._ready = asyncio.get_running_loop().create_future()
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._supervisor = self._tg.create_task(self._supervise(), name="vendgate.mqtt.supervisor")
+        try:
+            await self._ready
+        except BaseException as exc:
+            # Cancelled, or refused for good (the supervisor has returned): clean up, re-raise.
+            await self._begin_shutdown()
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            await self._finish(*((type(exc), exc, exc.__traceback__) if cancelled else (None,) * 3))
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Drain handlers for up to drain_timeout_s, then disconnect; the session persists."""
+        await self._begin_shutdown()
+        # Not the body's exception: the TaskGroup would abort the drain and wrap the
+        # exception in a group. (If the supervisor failed, the group raises that instead.)
+        await self._finish(None, None, None)
+
+    # The timeout parameter is the API callers asked for: it turns into BrokerUnavailableError.
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until connected and subscribed; BrokerUnavailableError after `timeout` s."""
+        loop = asyncio.get_running_loop()
+        await self._connection(None if timeout is None else loop.time() + timeout)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        message_expiry_s: int | None = None,
+    ) -> None:
+        """Publish; at QoS 1, return once the broker has acknowledged it (PUBACK).
+
+        Raises BrokerUnavailableError when there is no connection, or no PUBACK, within
+        publish_timeout_s. A QoS 1 message whose connection drops before the PUBACK is sent
+        again on the next connection, so the broker may receive it twice (SPEC §3.2).
+        """
+        if qos not in (0, 1):
+            raise ValueError(f"QoS must be 0 or 1, not {qos}")
+        properties: dict[str, int] = {}
+        if message_expiry_s is not None:
+            # MQTT 5 §3.3.2.3.3: the broker drops the message once this many seconds have
+            # passed without delivering it (SPEC §3.5: a Vend's time left to its deadline).
+            properties["message_expiry_interval"] = message_expiry_s
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout_s
+        while True:
+            conn = await self._connection(deadline)
+            try:
+                acked = conn.publish(topic, payload, qos, retain=retain, properties=properties)
+            except OverflowError:
+                await self._before(deadline, conn.acks.wait_released(), "free packet id")
+                continue
+            if acked is None or await self._before(deadline, acked, "PUBACK"):
+                self.stats["published"] += 1
+                return
+            # The connection ended before the PUBACK: send it again on the next one.
+
+    # --- receiving ---
+
+    async def _receive(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> int:
+        """Run the handler for one message; return the PUBACK reason code for gmqtt."""
+        receiver = asyncio.current_task()
+        if receiver is not None:
+            receiver.set_name("vendgate.mqtt.receive")
+            self._receivers.add(receiver)
+            receiver.add_done_callback(self._receivers.discard)
+        self.stats["received"] += 1
+        if qos:
+            conn.unacked += 1
+            if conn.unacked > self.settings.receive_maximum:
+                self._note_overrun(conn)
+        try:
+            return await self._run_and_ack(conn, topic, payload, qos)
+        finally:
+            if qos:
+                conn.unacked -= 1
+
+    async def _run_and_ack(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> int:
+        handler = await self._start_handler(conn, topic, payload, qos)
+        if handler is not None:
+            await asyncio.wait({handler})
+            if not handler.cancelled() and handler.result():
+                return _PUBACK_SUCCESS
+        if qos == 0:
+            return _PUBACK_SUCCESS  # nothing to acknowledge; gmqtt ignores the result
+        # Leave it unacknowledged. An error reason code in the PUBACK would not do: it
+        # still completes the QoS 1 flow and the broker drops the message (checked with
+        # Mosquitto 2.0). Without a PUBACK the broker redelivers it on the next connection
+        # of this session (MQTT 5 §4.4); meanwhile it holds one slot of our Receive Maximum.
+        # gmqtt writes a PUBACK whenever this coroutine returns, and raising would end in
+        # the event loop's exception handler (gmqtt calls result() in a done-callback); so
+        # return only once the connection is closed, when gmqtt's write goes nowhere (it
+        # logs "[TRYING WRITE TO CLOSED SOCKET]").
+        await conn.closed.wait()
+        return _PUBACK_SUCCESS
+
+    async def _start_handler(
+        self, conn: _Connection, topic: str, payload: bytes, qos: int
+    ) -> asyncio.Task[bool] | None:
+        if not conn.accepting() or self._tg is None:
+            return None
+        await self._slots.acquire()
+        if not conn.accepting():  # it may have changed while we waited
+            self._slots.release()
+            return None
+        # The handler gets a task of the link's own, so that retiring a connection can
+        # cancel it without cancelling gmqtt's task: gmqtt would then fail inside its
+        # done-callback, in the event loop's exception handler.
+        try:
+            handler = self._tg.create_task(
+                self._handle(conn, topic, payload, qos), name="vendgate.mqtt.handler"
+            )
+        except RuntimeError:  # the task group is aborting: leave the message for later
+            self._slots.release()
+            return None
+        conn.handlers.add(handler)
+        handler.add_done_callback(conn.handlers.discard)
+        handler.add_done_callback(lambda _: self._slots.release())
+        return handler
+
+    def _note_overrun(self, conn: _Connection) -> None:
+        self.stats["broker_overruns"] += 1
+        if not conn.overrun_logged:
+            # MQTT 5 §4.9 lets us DISCONNECT with 0x93 here; with Mosquitto 2.0 doing it
+            # routinely that would only loop, and the semaphore keeps handlers bounded.
+            conn.overrun_logged = True
+            self._log.warning(
+                "mqtt.broker_exceeded_receive_maximum",
+                receive_maximum=self.settings.receive_maximum,
+                unacked=conn.unacked,
+            )
+
+    async def _handle(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> bool:
+        """Run the handler; return whether the message may be acknowledged."""
+        try:
+            await self._handler(topic, payload)
+        except GatewayError as exc:
+            self.stats["handler_errors"] += 1
+            if not exc.retriable or qos == 0:
+                self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
+                return True
+            self.stats["left_unacked"] += 1
+            self._retriable_streak += 1
+            self._log.warning(
+                "mqtt.handler_failed_retriable",
+                topic=topic,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            conn.end(_End.RECYCLE)
+            return False
+        except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
+            self.stats["handler_errors"] += 1
+            self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
+            return True
+        self.stats["handled"] += 1
+        self._retriable_streak = 0
+        return True
+
+    # --- connecting ---
+
+    async def _supervise(self) -> None:
+        """Keep one connection up: connect, wait for its end, retire it, back off, repeat."""
+        attempt = 0
+        first = True
+        while not self._closing:
+            delay = 0.0
+            if not first:
+                # House style #10: jittered ("full jitter"), capped exponential backoff.
+                ceiling = self.settings.reconnect_base_s * 2 ** min(attempt, _MAX_EXPONENT)
+                delay = random.uniform(0, min(self.settings.reconnect_cap_s, ceiling))  # noqa: S311
+            self._log.info("mqtt.connecting", attempt=attempt, delay_s=round(delay, 3))
+            conn = _Connection(
+                self.settings,
+                self._receive,
+                self._log,
+                clean_start=first and self.settings.clean_start,
+            )
+            opened = False
+            refusal: _PermanentRefusalError | None = None
+            try:
+                # Shutdown cancels these two waits (they can be long); never a drain.
+                self._interruptible = True
+                try:
+                    await asyncio.sleep(delay)
+                    opened = await self._open(conn, attempt)
+                finally:
+                    self._interruptible = False
+                if opened:
+                    await self._serve(conn, reconnected=not first)
+            except _PermanentRefusalError as exc:
+                refusal = exc
+            finally:
+                # Also when cancelled: never leave a socket or a handler behind.
+                await self._retire(conn)
+            if refusal is not None:
+                error = ConfigError(str(refusal), f"MQTT broker {self.settings.host}")
+                await self._fail(error)
+                if first:
+                    return  # __aenter__ raises it
+                raise error from refusal
+            first = False
+            if not opened:
+                attempt += 1
+            elif conn.end_reason is _End.LOST:
+                self._log.warning("mqtt.connection_lost")
+                attempt = 0
+            elif conn.end_reason is _End.RECYCLE:
+                # Reconnect so the broker redelivers what a handler could not take yet,
+                # backing off further while the failures go on.
+                self._log.warning("mqtt.reconnecting_to_redeliver", streak=self._retriable_streak)
+                attempt = self._retriable_streak
+
+    async def _open(self, conn: _Connection, attempt: int) -> bool:
+        """Connect and subscribe; False (logged) when worth retrying."""
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await conn.open(self.settings, self._subscriptions)
+        except gmqtt.MQTTConnectError as exc:
+            code = _as_int(exc.args[0]) if exc.args else 0
+            if code in _PERMANENT_CONNACK_CODES:
+                raise _PermanentRefusalError(f"refused the connection: {exc}") from exc
+            self._log.warning("mqtt.connect_failed", attempt=attempt, error=str(exc))
+            return False
+        except _SubscriptionRefusedError as exc:
+            raise _PermanentRefusalError(f"refused the subscriptions {exc}") from exc
+        except (OSError, TimeoutError) as exc:
+            self._log.warning("mqtt.connect_failed", attempt=attempt, error=repr(exc))
+            return False
+        return True
+
+    async def _serve(self, conn: _Connection, *, reconnected: bool) -> None:
+        if reconnected:
+            self.stats["reconnects"] += 1
+        self._log.info("mqtt.connected", session_present=conn.session_present)
+        await self._set_connection(conn)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+        if self._closing:  # shutdown began while we were connecting
+            conn.end(_End.SHUTDOWN)
+        await conn.ended.wait()
+
+    async def _retire(self, conn: _Connection) -> None:
+        """Stop taking messages, let handlers finish (drain_timeout_s), then disconnect."""
+        conn.stop_accepting()
+        if conn.end_reason is _End.LOST:
+            await self._set_connection(None)
+            conn.acks.release_all()  # publishers waiting for a PUBACK re-send elsewhere
+        try:
+            if conn.handlers:
+                # Handlers may still publish (and, unless the connection was lost, acknowledge).
+                _, pending = await asyncio.wait(
+                    set(conn.handlers), timeout=self.settings.drain_timeout_s
+                )
+                if pending:
+                    # Not acknowledged, so the broker delivers them again.
+                    self._log.warning("mqtt.handlers_cancelled", count=len(pending))
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending)
+        finally:
+            if self._conn is conn:
+                await self._set_connection(None)
+            await conn.close()
+
+    async def _set_connection(self, conn: _Connection | None) -> None:
+        async with self._changed:
+            self._conn = conn
+            self._changed.notify_all()
+
+    async def _fail(self, error: GatewayError) -> None:
+        async with self._changed:
+            self._failure = error
+            self._changed.notify_all()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+
+    async def _begin_shutdown(self) -> None:
+        async with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._conn is not None:
+            self._conn.end(_End.SHUTDOWN)  # the supervisor drains it and returns
+        elif self._interruptible and self._supervisor is not None:
+            # Backing off or connecting: nothing to drain, and the wait could be long.
+            self._supervisor.cancel()
+        # Otherwise it is retiring a connection and stops when that is done.
+
+    async def _finish(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Wait for the supervisor (it retires the connection), then for gmqtt's tasks."""
+        if self._tg is None:
+            return
+        try:
+            await self._tg.__aexit__(exc_type, exc, traceback)
+        finally:
+            # They return as soon as their connection is closed.
+            if self._receivers:
+                await asyncio.wait(set(self._receivers))
+
+    async def _connection(self, deadline: float | None) -> _Connection:
+        """Return the current connection, waiting for one until `deadline` (loop time)."""
+        async with self._changed:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait_for(
+                        lambda: self.connected or self._closing or self._failure is not None
+                    )
+            except TimeoutError:
+                raise BrokerUnavailableError(
+                    f"not connected to {self.settings.host}:{self.settings.port}"
+                ) from None
+            if self._failure is not None:
+                raise self._failure
+            if self._conn is None or not self._conn.usable():
+                raise ShuttingDownError
+            return self._conn
+
+    async def _before(self, deadline: float, awaitable: Awaitable[bool | None], what: str) -> bool:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return bool(await awaitable)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"no {what} from {self.settings.host}:{self.settings.port} "
+                f"within {self.settings.publish_timeout_s} s"
+            ) from None
+
+
+class _PermanentRefusalError(Exception):
+    """The broker refused us in a way that retrying cannot fix."""

@@ -1,0 +1,315 @@
+"""MqttLink against a real private Mosquitto (the `mosquitto` fixture), never a mock."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from gateway.embedded import Mosquitto
+from gateway.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    FrameRejectedError,
+    OverloadedError,
+    ShuttingDownError,
+)
+from gateway.mqtt import MqttLink, MqttSettings
+
+pytestmark = pytest.mark.integration
+
+GROUP = "vendgate"
+
+
+def _settings(broker: Mosquitto, client_id: str, **overrides: Any) -> MqttSettings:
+    values: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "client_id": client_id,
+        "reconnect_base_s": 0.05,
+        "reconnect_cap_s": 0.5,
+        "connect_timeout_s": 5.0,
+        "publish_timeout_s": 10.0,
+        "drain_timeout_s": 1.0,
+    }
+    values.update(overrides)
+    return MqttSettings(**values)
+
+
+class Inbox:
+    """A handler that records (topic, payload) pairs."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+
+    async def __call__(self, topic: str, payload: bytes) -> None:
+        """Record one message."""
+        self.items.append((topic, payload))
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The payloads received so far, in order."""
+        return [payload for _, payload in self.items]
+
+
+async def _nothing(topic: str, payload: bytes) -> None:
+    """Ignore the message: the handler of links that only publish."""
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        # Polling: the predicates read link state and stats, which signal no event.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.mark.asyncio
+async def test_round_trip_at_qos1_gives_the_handler_the_real_topic(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """A QoS 1 message reaches a shared subscriber, whose handler sees the real topic."""
+    inbox = Inbox()
+    subscriber = MqttLink(
+        _settings(mosquitto, f"{prefix}-sub"), inbox, [(f"$share/{GROUP}/{prefix}/m/+/up", 1)]
+    )
+    async with subscriber, MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        assert subscriber.connected
+        await pub.publish(f"{prefix}/m/vm-1/up", b"\x01\x02hello")
+        await eventually(lambda: subscriber.stats["handled"] == 1)
+        assert inbox.items == [(f"{prefix}/m/vm-1/up", b"\x01\x02hello")]
+        assert pub.stats["published"] == 1
+        assert subscriber.stats["received"] == 1
+
+
+@pytest.mark.asyncio
+async def test_two_links_in_one_shared_group_split_the_messages(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """Two links in the same shared group each get some messages, and every message goes to one."""
+    inboxes = [Inbox(), Inbox()]
+    share = [(f"$share/{GROUP}/{prefix}/m/+/up", 1)]
+    first = MqttLink(_settings(mosquitto, f"{prefix}-a"), inboxes[0], share)
+    second = MqttLink(_settings(mosquitto, f"{prefix}-b"), inboxes[1], share)
+    async with first, second, MqttLink(_settings(mosquitto, f"{prefix}-p"), _nothing, []) as pub:
+        sent = [str(n).encode() for n in range(40)]
+        await asyncio.gather(
+            *(pub.publish(f"{prefix}/m/vm-{n % 7}/up", body) for n, body in enumerate(sent))
+        )
+        await eventually(lambda: len(inboxes[0].items) + len(inboxes[1].items) == len(sent))
+        await asyncio.sleep(0.2)  # anything delivered twice would show up by now
+    received = inboxes[0].payloads + inboxes[1].payloads
+    assert sorted(received) == sorted(sent)
+    assert inboxes[0].items
+    assert inboxes[1].items
+
+
+@pytest.mark.asyncio
+async def test_puback_waits_for_the_handler(mosquitto: Mosquitto, prefix: str) -> None:
+    """A message whose handler never finished is redelivered; a handled one is not."""
+    started = asyncio.Event()
+
+    async def blocks_on_hold(_topic: str, payload: bytes) -> None:
+        if payload == b"hold":
+            started.set()
+            await asyncio.Event().wait()  # until the link cancels it
+
+    share = [(f"$share/{GROUP}/{prefix}/m/+/up", 1)]
+    topic = f"{prefix}/m/vm-1/up"
+    settings = _settings(mosquitto, f"{prefix}-sub", drain_timeout_s=0.2)
+    async with MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        link = MqttLink(settings, blocks_on_hold, share)
+        async with link:
+            await pub.publish(topic, b"done")
+            await eventually(lambda: link.stats["handled"] == 1)
+            await pub.publish(topic, b"hold")
+            await asyncio.wait_for(started.wait(), 5)
+        # The link closed with the handler still running: no PUBACK went out for "hold".
+        inbox = Inbox()
+        async with MqttLink(settings, inbox, share):
+            await eventually(lambda: inbox.payloads == [b"hold"])
+            await asyncio.sleep(0.3)
+        assert inbox.payloads == [b"hold"]
+
+
+@pytest.mark.asyncio
+async def test_receive_maximum_bounds_concurrent_handlers(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """With receive_maximum=5, no more than 5 handlers run at once, and all 50 messages arrive."""
+    running = 0
+    peak = 0
+    done: list[bytes] = []
+
+    async def slow(_topic: str, payload: bytes) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            running -= 1
+        done.append(payload)
+
+    settings = _settings(mosquitto, f"{prefix}-sub", receive_maximum=5)
+    sub = MqttLink(settings, slow, [(f"$share/{GROUP}/{prefix}/m/+/up", 1)])
+    async with sub, MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        sent = [str(n).encode() for n in range(50)]
+        await asyncio.gather(*(pub.publish(f"{prefix}/m/vm-1/up", n) for n in sent))
+        await eventually(lambda: len(done) == len(sent), within=10)
+    assert sorted(done) == sorted(sent)
+    assert peak == 5
+
+
+@pytest.mark.asyncio
+async def test_a_failing_handler_does_not_stop_later_messages(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """Non-retriable handler errors are counted and acknowledged, and later messages still flow."""
+    inbox = Inbox()
+
+    async def picky(topic: str, payload: bytes) -> None:
+        if payload == b"bug":
+            raise ValueError(payload)
+        if payload == b"bad-frame":
+            raise FrameRejectedError("vm-1", "bad MAC")
+        await inbox(topic, payload)
+
+    sub = MqttLink(_settings(mosquitto, f"{prefix}-sub"), picky, [(f"{prefix}/m/+/up", 1)])
+    async with sub, MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        for payload in (b"bug", b"bad-frame", b"good"):
+            await pub.publish(f"{prefix}/m/vm-1/up", payload)
+        await eventually(lambda: inbox.payloads == [b"good"])
+        await asyncio.sleep(0.2)
+        assert sub.stats["handler_errors"] == 2
+        assert sub.stats["handled"] == 1
+        assert sub.stats["left_unacked"] == 0
+        assert sub.stats["reconnects"] == 0
+        assert sub.connected
+
+
+@pytest.mark.asyncio
+async def test_a_retriable_error_gets_the_message_delivered_again(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """A retriable GatewayError leaves the message unacknowledged, and the broker redelivers it."""
+    inbox = Inbox()
+    failures = 0
+
+    async def overloaded_once(topic: str, payload: bytes) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise OverloadedError("vend queue", 10)
+        await inbox(topic, payload)
+
+    share = [(f"$share/{GROUP}/{prefix}/m/+/up", 1)]
+    sub = MqttLink(_settings(mosquitto, f"{prefix}-sub"), overloaded_once, share)
+    async with sub, MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        await pub.publish(f"{prefix}/m/vm-1/up", b"vend-result")
+        await eventually(lambda: inbox.payloads == [b"vend-result"])
+        assert sub.stats["left_unacked"] == 1
+        assert sub.stats["reconnects"] == 1
+        assert sub.stats["received"] == 2
+
+
+@pytest.mark.asyncio
+async def test_links_reconnect_after_a_broker_restart(mosquitto: Mosquitto, prefix: str) -> None:
+    """After the broker goes away and comes back, both links reconnect and messages flow again."""
+    inbox = Inbox()
+    topic = f"{prefix}/m/vm-1/up"
+    with structlog.testing.capture_logs() as logs:
+        sub = MqttLink(
+            _settings(mosquitto, f"{prefix}-sub"), inbox, [(f"$share/{GROUP}/{prefix}/m/+/up", 1)]
+        )
+        pub = MqttLink(_settings(mosquitto, f"{prefix}-pub", publish_timeout_s=0.5), _nothing, [])
+        async with sub, pub:
+            await pub.publish(topic, b"before")
+            await eventually(lambda: inbox.payloads == [b"before"])
+
+            await mosquitto.stop()
+            await eventually(lambda: not sub.connected and not pub.connected)
+            with pytest.raises(BrokerUnavailableError):
+                await pub.publish(topic, b"nobody listening")
+            await mosquitto.start()
+            await sub.wait_connected(timeout=10)
+            await pub.wait_connected(timeout=10)
+            await pub.publish(topic, b"after")
+            await eventually(lambda: inbox.payloads == [b"before", b"after"])
+
+            await mosquitto.restart()
+            # Mosquitto 2.0.11 restores sessions but not their shared subscriptions, so a
+            # message published before the subscriber has subscribed again is dropped.
+            await eventually(lambda: sub.stats["reconnects"] == 2)
+            await pub.publish(topic, b"after restart")  # may wait for pub's reconnection
+            await eventually(lambda: inbox.payloads[-1] == b"after restart")
+    assert sub.stats["reconnects"] == 2
+    assert pub.stats["reconnects"] == 2
+    attempts = [entry for entry in logs if entry["event"] == "mqtt.connecting"]
+    failures = [entry for entry in logs if entry["event"] == "mqtt.connect_failed"]
+    assert failures
+    assert len(attempts) == 2 + 2 * 2 + len(failures)  # first connects, reconnects, retries
+
+
+@pytest.mark.asyncio
+async def test_message_expiry_drops_a_message_queued_too_long(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """A message with a 1 s expiry queued for a disconnected session is not delivered 2 s later."""
+    share = [(f"$share/{GROUP}/{prefix}/m/+/down", 1)]
+    topic = f"{prefix}/m/vm-1/down"
+    settings = _settings(mosquitto, f"{prefix}-sub")
+    async with MqttLink(settings, _nothing, share):
+        pass  # the session and its subscription stay at the broker
+    async with MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        await pub.publish(topic, b"stale", message_expiry_s=1)
+        await pub.publish(topic, b"fresh", message_expiry_s=60)
+        await pub.publish(topic, b"forever")
+    await asyncio.sleep(2.0)
+    inbox = Inbox()
+    async with MqttLink(settings, inbox, share):
+        await eventually(lambda: len(inbox.items) >= 2)
+        await asyncio.sleep(0.2)
+    # Mosquitto 2.0 honours the expiry: the queued "stale" message was discarded.
+    assert inbox.payloads == [b"fresh", b"forever"]
+
+
+@pytest.mark.asyncio
+async def test_closing_while_the_broker_is_down_returns_promptly(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """A link that is backing off between reconnection attempts closes at once when asked."""
+    settings = _settings(mosquitto, f"{prefix}-sub", reconnect_base_s=5.0, reconnect_cap_s=30.0)
+    link = MqttLink(settings, _nothing, [(f"$share/{GROUP}/{prefix}/m/+/up", 1)])
+    async with link:
+        await mosquitto.stop()
+        await eventually(lambda: not link.connected)
+        started = asyncio.get_running_loop().time()
+    assert asyncio.get_running_loop().time() - started < 1.0
+    with pytest.raises(ShuttingDownError):
+        await link.publish(f"{prefix}/m/vm-1/up", b"too late")
+
+
+@pytest.mark.asyncio
+async def test_a_refused_connection_fails_at_once(tmp_path: Path) -> None:
+    """A broker refusing the credentials makes entering the link raise ConfigError, no retries."""
+    (tmp_path / "passwd").write_text("")  # no users: every login is refused
+    refusing = Mosquitto(
+        tmp_path / "broker",
+        extra_config=f"allow_anonymous false\npassword_file {tmp_path / 'passwd'}",
+    )
+    async with refusing:
+        # A made-up login the broker cannot know.
+        settings = _settings(refusing, "intruder", username="u", password="p")  # noqa: S106
+        with pytest.raises(ConfigError, match="Not authorized"):
+            async with MqttLink(settings, _nothing, [("vg/m/+/up", 1)]):
+                pass
