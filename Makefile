@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: the main job on embedded defaults (today: the wire protocol end to end)
+## demo: the whole pipeline on embedded defaults, with faults, in about a minute
 demo: $(STAMP)
 	$(BIN)/vendgate demo
 
@@ -32,9 +32,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## bench: short benchmarks that print what they measured
+## bench: short benchmarks that print what they measured (results in bench-results/)
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.codec
+	mkdir -p bench-results
+	$(BIN)/python -m benchmarks.codec --json bench-results/codec.json
+	$(BIN)/vendgate bench --machines 50 --vends 2000 --rate 200 --json bench-results/vends-open-loop.json
+	$(BIN)/vendgate bench --machines 50 --vends 2000 --json bench-results/vends-closed-loop.json
 
 ## fuzz: coverage-guided fuzzing of the decoder with atheris (FUZZ_SECONDS, default 60)
 FUZZ_SECONDS ?= 60

@@ -1,0 +1,1 @@
+"""End-to-end tests: gateway, fleet and webhook receiver on a real broker and database."""
