@@ -251,6 +251,7 @@ def _simulate(args: argparse.Namespace, config: Config) -> int:
             jam_rate=args.jam_rate,
             no_drop_rate=args.no_drop_rate,
             reboot_rate=args.reboot_rate,
+            offline=tuple(args.offline),
             seed=args.seed,
             dispense_log=args.dispense_log,
         )
@@ -340,8 +341,29 @@ def _register_simulate(commands: Subcommands) -> None:
         metavar="PATH",
         help="append every motor turn to this JSON-lines file",
     )
+    parser.add_argument(
+        "--offline",
+        type=_offline_window,
+        action="append",
+        default=[],
+        metavar="INDEX:START_S:DURATION_S",
+        help="take machine INDEX (0-based) offline START_S seconds in, for DURATION_S "
+        "seconds, abruptly (its will fires); repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the simulated faults")
     parser.set_defaults(handler=_simulate)
+
+
+def _offline_window(text: str) -> object:
+    from gateway.simulator import OfflineWindow  # noqa: PLC0415
+
+    try:
+        index, start, duration = text.split(":")
+        return OfflineWindow(int(index), float(start), float(duration))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not INDEX:START_S:DURATION_S (for example 2:10:30)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

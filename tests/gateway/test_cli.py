@@ -134,3 +134,15 @@ def test_console_script() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"vendgate {__version__}\n"
+
+
+def test_simulate_offline_windows_parse_and_refuse_nonsense() -> None:
+    """--offline takes INDEX:START_S:DURATION_S and names the expected form when wrong."""
+    import argparse  # noqa: PLC0415
+
+    from gateway.cli import _offline_window  # noqa: PLC0415
+    from gateway.simulator import OfflineWindow  # noqa: PLC0415
+
+    assert _offline_window("2:10:30.5") == OfflineWindow(2, 10.0, 30.5)
+    with pytest.raises(argparse.ArgumentTypeError, match="INDEX:START_S:DURATION_S"):
+        _offline_window("2:10")

@@ -1,0 +1,71 @@
+"""The README's commands run for real: the demo and the benchmark, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _vendgate(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603  (our own command, fixed arguments)
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_demo_runs_on_embedded_defaults_and_holds_exactly_once(tmp_path: Path) -> None:
+    """`vendgate demo` starts everything itself, vends with faults, and reports exactly-once."""
+    done = _vendgate("demo", "--duration", "20", cwd=tmp_path, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exactly-once: holds" in done.stdout
+    assert "dispensed twice:           0" in done.stdout
+    dispensed = next(line for line in done.stdout.splitlines() if "dispensed:" in line)
+    assert int(dispensed.split()[-1]) > 0
+
+
+def test_bench_writes_the_json_contract_and_passes(tmp_path: Path) -> None:
+    """`vendgate bench` runs gateway, fleet and load as processes and writes every key."""
+    out = tmp_path / "bench.json"
+    done = _vendgate(
+        "bench",
+        "--machines",
+        "5",
+        "--vends",
+        "60",
+        "--rate",
+        "30",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    for key in (
+        "machines",
+        "vends_requested",
+        "vends_accepted",
+        "vends_dispensed",
+        "vends_not_dispensed",
+        "duplicates",
+        "lost",
+        "conflicts",
+        "throughput_vps",
+        "gateway_cpu_us_per_vend",
+    ):
+        assert key in result, key
+    assert set(result["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert result["vends_accepted"] == 60
+    assert result["vends_dispensed"] == 60
+    assert (result["duplicates"], result["lost"], result["conflicts"]) == (0, 0, 0)
+    assert result["webhooks_missing"] == 0
