@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.store.db import migrations
+
 pytestmark = pytest.mark.integration
 
 
@@ -69,3 +71,15 @@ def test_bench_writes_the_json_contract_and_passes(tmp_path: Path) -> None:
     assert result["vends_dispensed"] == 60
     assert (result["duplicates"], result["lost"], result["conflicts"]) == (0, 0, 0)
     assert result["webhooks_missing"] == 0
+
+
+def test_migrate_applies_the_schema_once(database: str, tmp_path: Path) -> None:
+    """`vendgate migrate` applies every migration, and a second run has nothing to do."""
+    args = ("--set", f"database.dsn={database}", "migrate")
+    first = _vendgate(*args, cwd=tmp_path, timeout=60)
+    assert first.returncode == 0, first.stderr[-2000:]
+    versions = [m.version for m in migrations()]
+    assert f"applied migrations: {versions}" in first.stdout
+    second = _vendgate(*args, cwd=tmp_path, timeout=60)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "up to date" in second.stdout
