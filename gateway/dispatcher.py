@@ -7,7 +7,14 @@ group-commit writer, and the dispatcher acts on a change only after it has commi
 
 - a vend is marked ``sent`` *before* its first ``Vend`` frame is published, so a crash
   can never leave a published vend looking unpublished (SPEC §6.5);
-- ``ResultAck`` is published only after the result is committed (SPEC §6.1).
+- ``ResultAck`` is published only after the result is committed (SPEC §6.1), and a
+  result that arrives after the vend was settled is recorded before it is acknowledged.
+
+No step may leave a vend stuck: every timer step that fails (database or broker down)
+is scheduled again, and a reconcile pass every ``reconcile_s`` re-reads the vends that
+are not final, so a vend the API committed but never handed over, or one another
+gateway or an operator moved, is picked up or dropped. Timers run on the event loop's
+monotonic clock; deadlines are wall-clock instants converted when a timer is set.
 
 At start-up :meth:`Dispatcher.run` recovers every vend that is not final and re-sends
 or queries it as its state requires. Timing rules come from :class:`gateway.lifecycle.Timing`.
@@ -57,6 +64,7 @@ log = get_logger("gateway.dispatcher")
 
 MAX_ATTEMPT = 255  # SPEC §8: the gateway keeps re-sending attempt 255
 QUERY_BACKOFF_CAP_S = 60.0
+STEP_RETRY_S = 1.0  # a timer step that failed (database or broker down) runs again after this
 
 
 class Publisher(Protocol):
@@ -91,10 +99,12 @@ class Tracked:
     sent: float | None = None
     acked: float | None = None
     queries: int = 0
-    #: The machine itself said it cannot tell (UNCERTAIN): queries cannot settle it.
-    uncertain: bool = False
+    #: Only an operator can settle it: the machine said UNCERTAIN, or its log cannot tell.
+    operator_only: bool = False
     #: The live timer of each kind; a newer timer of a kind replaces the older one.
     timers: dict[str, int] = field(default_factory=dict)
+    #: Timer kinds whose step is running now (a step is never run twice at once).
+    running: set[str] = field(default_factory=set)
 
     @classmethod
     def from_row(cls, row: VendRow) -> Tracked:
@@ -110,12 +120,13 @@ class Tracked:
             attempts=row.attempts,
             created=row.created_at.timestamp(),
             sent=None if row.first_sent_at is None else row.first_sent_at.timestamp(),
+            operator_only=(row.dispense or {}).get("outcome") == "uncertain",
         )
 
 
 @dataclass(order=True, slots=True)
 class _Timer:
-    due: float
+    due: float  # event-loop (monotonic) time
     order: int
     kind: str = field(compare=False)
     vend_id: str = field(compare=False)
@@ -143,6 +154,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         max_tasks: int = 1024,
         on_webhook: Callable[[], None] | None = None,
+        reconcile_s: float = 30.0,
     ) -> None:
         self._writer = writer
         self._publisher = publisher
@@ -152,8 +164,10 @@ class Dispatcher:
         self._metrics = metrics
         self._clock = clock
         self._on_webhook = on_webhook
+        self._reconcile_s = reconcile_s
         self._vends: dict[str, Tracked] = {}
         self._by_wire: dict[int, str] = {}
+        self._by_machine: dict[str, set[str]] = {}
         self._queues: dict[str, deque[str]] = {}
         self._current: dict[str, str] = {}  # machine -> vend in sent/acknowledged
         self._locks: dict[str, asyncio.Lock] = {}
@@ -167,12 +181,13 @@ class Dispatcher:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Recover unfinished vends, then run the timers until cancelled."""
-        rows = await self._writer.submit(vends.active)
+        """Recover unfinished vends, then run the timers and the reconcile pass until cancelled."""
+        rows = await self._read_active(retry=True)
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
             try:
                 self._recover(rows)
+                tasks.create_task(self._reconcile_loop(), name="gateway.dispatch.reconcile")
                 await self._timer_loop()
             finally:
                 self._tasks = None
@@ -183,41 +198,69 @@ class Dispatcher:
         return len(self._vends)
 
     def vend_accepted(self, row: VendRow) -> None:
-        """Queue a vend the API has just committed (the HTTP layer's sink)."""
+        """Queue a vend the API has committed (the HTTP layer's sink; idempotent)."""
         if row.vend_id in self._vends:
             return
-        self._track(row)
-        self._queues.setdefault(row.machine_id, deque()).append(row.vend_id)
+        self._adopt(row)
         self._spawn(self._advance(row.machine_id), f"gateway.dispatch.{row.machine_id}")
 
+    async def _read_active(self, *, retry: bool) -> list[VendRow]:
+        delay = STEP_RETRY_S
+        while True:
+            try:
+                return await self._writer.read(vends.active)
+            except GatewayError as exc:
+                if not (retry and exc.retriable):
+                    raise
+                log.warning("dispatch_recovery_waiting", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     def _recover(self, rows: list[VendRow]) -> None:
-        now = self._clock()
-        machines: set[str] = set()
+        machines = {row.machine_id for row in rows}
         for row in rows:
-            t = self._track(row)
-            machines.add(row.machine_id)
-            if t.state is VendStatus.ACCEPTED:
-                self._queues.setdefault(t.machine_id, deque()).append(t.vend_id)
-            elif t.state is VendStatus.SENT:
-                self._current[t.machine_id] = t.vend_id
-                self._push(now, "resend", t)
-                self._push(self._timing.ack_deadline(t.deadline), "ack_deadline", t)
-            elif t.state is VendStatus.ACKNOWLEDGED:
-                self._current[t.machine_id] = t.vend_id
-                self._push(self._timing.result_deadline(t.deadline), "result_deadline", t)
-            elif t.state is VendStatus.UNKNOWN:
-                self._push(now, "query", t)
+            self._adopt(row)
         self.recovered = len(rows)
         for machine_id in machines:
             self._spawn(self._advance(machine_id), f"gateway.dispatch.{machine_id}")
         log.info("dispatch_recovered", vends=len(rows), machines=len(machines))
 
-    def _track(self, row: VendRow) -> Tracked:
+    def _adopt(self, row: VendRow) -> Tracked:
+        """Track a stored vend and set the timers its state needs."""
         t = Tracked.from_row(row)
         self._vends[t.vend_id] = t
         self._by_wire[t.wire_id] = t.vend_id
+        self._by_machine.setdefault(t.machine_id, set()).add(t.vend_id)
         self._metrics.in_flight.labels(t.state.value).inc()
+        if t.state is VendStatus.ACCEPTED:
+            self._queues.setdefault(t.machine_id, deque()).append(t.vend_id)
+        self._schedule(t)
         return t
+
+    def _schedule(self, t: Tracked) -> None:
+        """Set the timers a vend needs in its current state (recovery, reconcile, refresh)."""
+        now = self._clock()
+        if t.state is VendStatus.SENT:
+            self._current.setdefault(t.machine_id, t.vend_id)
+            self._push(now, "resend", t)
+            self._push(self._timing.ack_deadline(t.deadline), "ack_deadline", t)
+        elif t.state is VendStatus.ACKNOWLEDGED:
+            self._current.setdefault(t.machine_id, t.vend_id)
+            self._push(self._timing.result_deadline(t.deadline), "result_deadline", t)
+        elif t.state is VendStatus.UNKNOWN and not t.operator_only:
+            self._push(now, "query", t)
+
+    def _forget(self, t: Tracked) -> None:
+        self._vends.pop(t.vend_id, None)
+        self._by_wire.pop(t.wire_id, None)
+        machine = self._by_machine.get(t.machine_id)
+        if machine is not None:
+            machine.discard(t.vend_id)
+            if not machine:
+                del self._by_machine[t.machine_id]
+        if self._current.get(t.machine_id) == t.vend_id:
+            del self._current[t.machine_id]
+            self._spawn(self._advance(t.machine_id), f"gateway.dispatch.{t.machine_id}")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         if self._tasks is None:  # not running yet: run() recovers from the database
@@ -230,9 +273,8 @@ class Dispatcher:
             try:
                 await work
             except GatewayError as exc:
-                # A retriable failure (database or broker down) is retried by the next
-                # timer, which each step schedules before it does I/O, or by the machine's
-                # own re-sends; the vend's durable state is unchanged.
+                # Timer steps reschedule themselves on failure (see _on_timer); here end
+                # only hand-offs whose vend the reconcile pass or the machine brings back.
                 log.warning("dispatch_step_failed", error=str(exc), retriable=exc.retriable)
             except Exception:  # a bug: log it loudly, keep the other vends moving
                 log.exception("dispatch_step_crashed")
@@ -244,6 +286,30 @@ class Dispatcher:
             lock = self._locks[machine_id] = asyncio.Lock()
         return lock
 
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._reconcile_s)
+            try:
+                await self.reconcile()
+            except GatewayError as exc:
+                log.warning("dispatch_reconcile_failed", error=str(exc))
+
+    async def reconcile(self) -> None:
+        """Adopt active vends missing from memory; drop tracked ones settled elsewhere."""
+        rows = await self._read_active(retry=False)
+        active = {row.vend_id for row in rows}
+        for t in [t for t in self._vends.values() if t.vend_id not in active]:
+            self._metrics.in_flight.labels(t.state.value).dec()
+            self._forget(t)  # final now: moved by another gateway or an operator
+        adopted = {row.machine_id for row in rows if row.vend_id not in self._vends}
+        for row in rows:
+            if row.vend_id not in self._vends:
+                self._adopt(row)
+        for machine_id in adopted:
+            self._spawn(self._advance(machine_id), f"gateway.dispatch.{machine_id}")
+        if adopted:
+            log.info("dispatch_reconciled", machines=len(adopted))
+
     # --- sending ------------------------------------------------------------------------------
 
     async def _advance(self, machine_id: str) -> None:
@@ -254,23 +320,31 @@ class Dispatcher:
                 t = self._vends.get(queue.popleft())
                 if t is None or t.state is not VendStatus.ACCEPTED:
                     continue
-                if self._clock() >= t.deadline - 1:
-                    # Never published, and too late to be: provably not dispensed.
-                    await self._apply(t, VendEvent.PROVEN_NOT_SENT, {"why": "deadline passed"})
-                    continue
-                # Durable first: "sent" is committed before the frame can reach the machine.
-                if await self._apply(t, VendEvent.PUBLISHED, attempts=1):
-                    self._current[machine_id] = t.vend_id
-                    t.sent = self._clock()
-                    self._metrics.stage_seconds.labels("accepted_to_sent").observe(
-                        t.sent - t.created
-                    )
-                    t.attempts = 1
-                    self._push(t.sent + self._timing.resend_delay(1), "resend", t)
-                    self._push(self._timing.ack_deadline(t.deadline), "ack_deadline", t)
-                    await self._send_vend(t)
+                try:
+                    await self._start(t)
+                except GatewayError:
+                    queue.appendleft(t.vend_id)  # not started: first in line again
+                    self._push(self._clock() + STEP_RETRY_S, "advance", t)
+                    raise
             if queue is not None and not queue:
                 del self._queues[machine_id]
+
+    async def _start(self, t: Tracked) -> None:
+        if self._clock() >= t.deadline - 1:
+            # Never published, and too late to be: provably not dispensed.
+            await self._apply(t, VendEvent.PROVEN_NOT_SENT, {"why": "deadline passed"})
+            return
+        # Durable first: "sent" is committed before the frame can reach the machine.
+        if await self._apply(t, VendEvent.PUBLISHED, attempts=1) is None:
+            return
+        self._current[t.machine_id] = t.vend_id
+        t.sent = self._clock()
+        self._metrics.stage_seconds.labels("accepted_to_sent").observe(t.sent - t.created)
+        t.attempts = 1
+        self._push(t.sent + self._timing.resend_delay(1), "resend", t)
+        self._push(self._timing.ack_deadline(t.deadline), "ack_deadline", t)
+        with contextlib.suppress(GatewayError):  # the re-send timer is set: it will retry
+            await self._send_vend(t)
 
     async def _send_vend(self, t: Tracked) -> None:
         frame = Vend(
@@ -326,71 +400,94 @@ class Dispatcher:
         return row
 
     async def _refresh(self, t: Tracked) -> None:
-        """Re-read a vend whose compare-and-set failed (another gateway moved it)."""
-        row = await self._writer.submit(lambda conn: vends.get(conn, t.vend_id))
+        """Re-read a vend whose compare-and-set failed (another gateway or an operator moved it)."""
+        row = await self._writer.read(lambda conn: vends.get(conn, t.vend_id))
         if row is not None and row.state is not t.state:
             self._moved(t, row.state)
+            if not row.state.is_final:
+                self._schedule(t)
 
     def _moved(self, t: Tracked, state: VendStatus) -> None:
         before = t.state
-        if state is not before:
-            self._metrics.in_flight.labels(before.value).dec()
-            self._metrics.transitions.labels(state.value).inc()
-            t.state = state
-            if not state.is_final:
-                self._metrics.in_flight.labels(state.value).inc()
-            if state in WEBHOOK_EVENTS and self._on_webhook is not None:
-                self._on_webhook()  # an outbox event was committed with the change
-        if state.settled and self._current.get(t.machine_id) == t.vend_id:
-            del self._current[t.machine_id]
-            self._spawn(self._advance(t.machine_id), f"gateway.dispatch.{t.machine_id}")
+        if state is before:
+            return
+        self._metrics.in_flight.labels(before.value).dec()
+        self._metrics.transitions.labels(state.value).inc()
+        t.state = state
+        if state in WEBHOOK_EVENTS and self._on_webhook is not None:
+            self._on_webhook()  # an outbox event was committed with the change
         if state.is_final:
             self._metrics.stage_seconds.labels("accepted_to_final").observe(
                 self._clock() - t.created
             )
-            self._vends.pop(t.vend_id, None)
-            self._by_wire.pop(t.wire_id, None)
-        elif state is VendStatus.UNKNOWN and before is not VendStatus.UNKNOWN:
+            self._forget(t)
+            return
+        self._metrics.in_flight.labels(state.value).inc()
+        if state.settled and self._current.get(t.machine_id) == t.vend_id:
+            del self._current[t.machine_id]
+            self._spawn(self._advance(t.machine_id), f"gateway.dispatch.{t.machine_id}")
+        if state is VendStatus.UNKNOWN and not t.operator_only:
             self._push(self._clock(), "query", t)
 
     # --- timers -------------------------------------------------------------------------------
 
     def _push(self, due: float, kind: str, t: Tracked) -> None:
-        timer = _Timer(due, next(self._order), kind, t.vend_id)
+        """Set the timer ``kind`` of ``t`` for wall-clock time ``due`` (replacing the last)."""
+        loop = asyncio.get_running_loop()
+        timer = _Timer(loop.time() + (due - self._clock()), next(self._order), kind, t.vend_id)
         t.timers[kind] = timer.order
         heapq.heappush(self._timers, timer)
         if self._timers[0] is timer:
             self._wake.set()
 
     async def _timer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            now = self._clock()
+            now = loop.time()
             while self._timers and self._timers[0].due <= now:
                 timer = heapq.heappop(self._timers)
                 t = self._vends.get(timer.vend_id)
-                if t is not None and t.timers.get(timer.kind) == timer.order:
-                    self._spawn(self._on_timer(timer.kind, t), f"gateway.timer.{timer.kind}")
+                if t is None or t.timers.get(timer.kind) != timer.order:
+                    continue  # replaced by a newer timer, or the vend is final
+                if timer.kind in t.running:  # the previous step is still at it
+                    self._push(self._clock() + STEP_RETRY_S, timer.kind, t)
+                    continue
+                t.running.add(timer.kind)
+                self._spawn(self._on_timer(timer.kind, t), f"gateway.timer.{timer.kind}")
             self._wake.clear()
             delay = self._timers[0].due - now if self._timers else 3600.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
 
     async def _on_timer(self, kind: str, t: Tracked) -> None:
-        async with self._lock(t.machine_id):
-            now = self._clock()
-            if kind == "resend" and t.state is VendStatus.SENT and now < t.deadline:
-                t.attempts = min(t.attempts + 1, MAX_ATTEMPT)
-                self._metrics.resends.inc()
-                self._push(now + self._timing.resend_delay(t.attempts), "resend", t)
+        try:
+            if kind == "advance":
+                await self._advance(t.machine_id)
+                return
+            async with self._lock(t.machine_id):
+                await self._timer_step(kind, t)
+        except GatewayError:
+            if t.vend_id in self._vends and kind != "advance":
+                self._push(self._clock() + STEP_RETRY_S, kind, t)  # never left stuck
+            raise
+        finally:
+            t.running.discard(kind)
+
+    async def _timer_step(self, kind: str, t: Tracked) -> None:
+        now = self._clock()
+        if kind == "resend" and t.state is VendStatus.SENT and now < t.deadline:
+            t.attempts = min(t.attempts + 1, MAX_ATTEMPT)
+            self._metrics.resends.inc()
+            self._push(now + self._timing.resend_delay(t.attempts), "resend", t)
+            with contextlib.suppress(GatewayError):  # the next re-send is already set
                 await self._send_vend(t)
-            elif kind == "ack_deadline" and t.state is VendStatus.SENT:
-                await self._apply(
-                    t, VendEvent.NO_ACK, {"attempts": t.attempts}, attempts=t.attempts
-                )
-            elif kind == "result_deadline" and t.state is VendStatus.ACKNOWLEDGED:
-                await self._apply(t, VendEvent.NO_RESULT)
-            elif kind == "query" and t.state is VendStatus.UNKNOWN and not t.uncertain:
-                await self._query(t, now)
+        elif kind == "ack_deadline" and t.state is VendStatus.SENT:
+            detail = {"attempts": t.attempts}
+            await self._apply(t, VendEvent.NO_ACK, detail, attempts=t.attempts)
+        elif kind == "result_deadline" and t.state is VendStatus.ACKNOWLEDGED:
+            await self._apply(t, VendEvent.NO_RESULT)
+        elif kind == "query" and t.state is VendStatus.UNKNOWN and not t.operator_only:
+            await self._query(t, now)
 
     async def _query(self, t: Tracked, now: float) -> None:
         if not self._timing.query_due(t.deadline, now):
@@ -400,7 +497,10 @@ class Dispatcher:
         self._metrics.status_queries.inc()
         wait = min(QUERY_BACKOFF_CAP_S, self._timing.query_interval_s * 2 ** min(t.queries - 1, 6))
         self._push(now + wait, "query", t)
-        await self._send(t.machine_id, StatusQuery(vend_id=t.wire_id, deadline=int(t.deadline)))
+        query = StatusQuery(vend_id=t.wire_id, deadline=int(t.deadline))
+        # A query is worth nothing once the next one is due: let the broker drop it then.
+        with contextlib.suppress(GatewayError):
+            await self._send(t.machine_id, query, message_expiry_s=max(1, int(wait)))
 
     # --- uplink -------------------------------------------------------------------------------
 
@@ -415,7 +515,7 @@ class Dispatcher:
                 await self._on_status(machine_id, frame)
             case Hello():
                 await self._send(machine_id, self._time_for(frame))
-                await self._on_reconnect(machine_id)
+                self._on_reconnect(machine_id)
             case Heartbeat() if frame.want_time:
                 await self._send(machine_id, self._time_for(frame))
             case _:
@@ -424,32 +524,33 @@ class Dispatcher:
     def _time_for(self, request: UplinkFrame) -> Time:
         return Time(now_ms=int(self._clock() * 1000), echo_boot=request.boot, echo_seq=request.seq)
 
-    async def _lookup(self, machine_id: str, wire_id: int) -> Tracked | None:
-        """Find a tracked vend by wire id, loading it if another gateway created it."""
+    async def _lookup(self, machine_id: str, wire_id: int) -> Tracked | VendRow | None:
+        """Find a vend by wire id: tracked, or its stored row if this gateway has none."""
         vend_id = self._by_wire.get(wire_id)
         if vend_id is not None:
             t = self._vends[vend_id]
-        else:
-            row = await self._writer.submit(lambda conn: vends.get_by_wire_id(conn, wire_id))
-            if row is None or row.state.is_final:
-                return None
-            t = self._vends.get(row.vend_id) or self._track(row)
-        return t if t.machine_id == machine_id else None
+            return t if t.machine_id == machine_id else None
+        row = await self._writer.read(lambda conn: vends.get_by_wire_id(conn, wire_id))
+        if row is None or row.machine_id != machine_id:
+            return None
+        if row.state.is_final:
+            return row
+        return self._vends.get(row.vend_id) or self._adopt(row)
 
     async def _on_ack(self, machine_id: str, ack: VendAck) -> None:
         self._metrics.acks.labels(ack.code.name.lower()).inc()
         t = await self._lookup(machine_id, ack.vend_id)
-        if t is None:
+        if not isinstance(t, Tracked):
             return
         async with self._lock(machine_id):
             if ack.code is AckCode.ACCEPTED:
-                if t.state in (VendStatus.SENT, VendStatus.UNKNOWN):
+                if t.state is VendStatus.SENT:
                     row = await self._apply(t, VendEvent.ACK_ACCEPTED, attempts=t.attempts)
                     if row is not None:
                         t.acked = self._clock()
                         if t.sent is not None:
                             self._metrics.stage_seconds.labels("sent_to_ack").observe(
-                                self._clock() - t.sent
+                                t.acked - t.sent
                             )
                         self._push(self._timing.result_deadline(t.deadline), "result_deadline", t)
             elif ack.code.is_final_refusal:
@@ -465,44 +566,63 @@ class Dispatcher:
                 )
 
     async def _on_result(self, machine_id: str, wire_id: int, dispense: Dispense) -> None:
-        t = await self._lookup(machine_id, wire_id)
-        if t is None:
-            await self._ack_settled_result(machine_id, wire_id, dispense)
-            return
-        async with self._lock(machine_id):
-            if t.uncertain and dispense.outcome is Outcome.UNCERTAIN:
-                # Recorded already; the machine re-sends it until acknowledged.
-                await self._send(machine_id, ResultAck(vend_id=wire_id))
-                return
-            was_acknowledged = t.state is VendStatus.ACKNOWLEDGED
-            event = _RESULT_EVENTS[dispense.outcome]
-            detail = {"reason": dispense.reason.name} if dispense.reason.value else None
-            row = await self._apply(t, event, detail, dispense=dispense)
-            if dispense.outcome is Outcome.UNCERTAIN and t.state is VendStatus.UNKNOWN:
-                t.uncertain = True  # only an operator can settle it now (SPEC §7.6)
-            if row is None and not t.state.is_final and t.state is not VendStatus.UNKNOWN:
-                return  # not a state a result can settle; the machine re-sends it later
-            if was_acknowledged and row is not None and t.acked is not None:
-                self._metrics.stage_seconds.labels("ack_to_result").observe(self._clock() - t.acked)
+        found = await self._lookup(machine_id, wire_id)
+        if found is None:
+            self._metrics.bad_frames.labels("unknown_vend").inc()
+            return  # no such vend of ours: not acknowledged, so nothing is forgotten
+        if isinstance(found, VendRow):
+            await self._late_result(found, dispense)
+        elif not await self._settle(found, dispense):
+            return  # nothing committed: no ResultAck, the machine re-sends
         # Committed (by us now, or earlier): only now may the machine stop re-sending it.
         await self._send(machine_id, ResultAck(vend_id=wire_id))
 
-    async def _ack_settled_result(self, machine_id: str, wire_id: int, dispense: Dispense) -> None:
-        """Acknowledge a result for a vend that is final already, if the vend is ours."""
-        row = await self._writer.submit(lambda conn: vends.get_by_wire_id(conn, wire_id))
-        if row is None or row.machine_id != machine_id:
-            self._metrics.bad_frames.labels("unknown_vend").inc()
-            return
-        if row.dispense is not None and row.dispense != _dispense_json(dispense):
+    async def _settle(self, t: Tracked, dispense: Dispense) -> bool:
+        """Commit a result; return whether it (or an earlier one) is now stored."""
+        async with self._lock(t.machine_id):
+            if t.operator_only and dispense.outcome is Outcome.UNCERTAIN:
+                return True  # recorded already; the machine re-sends it until acknowledged
+            was_acknowledged = t.state is VendStatus.ACKNOWLEDGED
+            detail = {"reason": dispense.reason.name} if dispense.reason.value else None
+            event = _RESULT_EVENTS[dispense.outcome]
+            row = await self._apply(t, event, detail, dispense=dispense)
+            if row is None:
+                # Settled meanwhile (another gateway, an operator): keep the machine's word.
+                stored = await self._writer.read(lambda conn: vends.get(conn, t.vend_id))
+                if stored is None or not stored.state.is_final:
+                    log.warning("result_not_applicable", vend_id=t.vend_id, state=t.state.value)
+                    return False
+                await self._late_result(stored, dispense)
+                return True
+            if dispense.outcome is Outcome.UNCERTAIN:
+                t.operator_only = True  # only an operator can settle it now (SPEC §7.6)
+            if was_acknowledged and t.acked is not None:
+                self._metrics.stage_seconds.labels("ack_to_result").observe(self._clock() - t.acked)
+            return True
+
+    async def _late_result(self, row: VendRow, dispense: Dispense) -> None:
+        """Record a result for a settled vend before acknowledging it; alarm on a contradiction."""
+        said = {
+            Outcome.DISPENSED: "dispensed",
+            Outcome.FAILED: "not_dispensed",
+            Outcome.UNCERTAIN: None,
+        }[dispense.outcome]
+        conflict = said is not None and row.state.outcome is not None and said != row.state.outcome
+        received = _dispense_json(dispense)
+        if row.dispense == received and not conflict:
+            return  # the same result again: stored already
+        await self._writer.submit(
+            lambda conn: vends.record_late_result(conn, row.vend_id, received, conflict=conflict)
+        )
+        if conflict:
             self._metrics.result_conflicts.inc()
             log.error(
                 "result_conflict",
                 vend_id=row.vend_id,
-                machine_id=machine_id,
-                stored=row.dispense,
-                received=_dispense_json(dispense),
+                machine_id=row.machine_id,
+                state=row.state.value,
+                received=received,
             )
-        await self._send(machine_id, ResultAck(vend_id=wire_id))
 
     async def _on_status(self, machine_id: str, reply: StatusReply) -> None:
         if reply.vend_id is None:
@@ -511,35 +631,33 @@ class Dispatcher:
             await self._on_result(machine_id, reply.vend_id, reply.dispense)
             return
         t = await self._lookup(machine_id, reply.vend_id)
-        if t is None:
+        if not isinstance(t, Tracked):
             return
         async with self._lock(machine_id):
             if reply.vend_state is VendState.REJECTED and reply.code is AckCode.EXPIRED:
                 await self._apply(t, VendEvent.PROVEN_EXPIRED, {"proof": "machine tombstone"})
             elif reply.vend_state is VendState.REJECTED and reply.code.is_final_refusal:
                 await self._apply(t, VendEvent.ACK_REFUSED, {"code": reply.code.name})
-            elif reply.vend_state in (VendState.ACCEPTED, VendState.DISPENSING):
-                if t.state is VendStatus.UNKNOWN:
-                    await self._apply(t, VendEvent.ACK_ACCEPTED, {"via": "status_query"})
-                    self._push(
-                        self._clock() + self._timing.dispense_allowance_s, "result_deadline", t
-                    )
             elif reply.vend_state in (VendState.FORGOTTEN, VendState.MISMATCH):
-                # Not settled automatically: an operator decides (SPEC §6.5).
+                # The machine's log cannot tell: an operator decides (SPEC §6.5). Stop asking.
+                t.operator_only = True
                 log.warning(
                     "status_inconclusive",
                     vend_id=t.vend_id,
                     machine_id=machine_id,
                     state=reply.vend_state.name,
                 )
+            # ACCEPTED / DISPENSING: still in progress; the result or the next query settles it.
+            # NOT_SEEN: the machine's clock has not passed the deadline yet; ask again later.
 
-    async def _on_reconnect(self, machine_id: str) -> None:
+    def _on_reconnect(self, machine_id: str) -> None:
         """Re-send a reconnected machine's vend in flight and ask about its unknown ones."""
         now = self._clock()
-        for t in [t for t in self._vends.values() if t.machine_id == machine_id]:
+        for vend_id in self._by_machine.get(machine_id, ()):
+            t = self._vends[vend_id]
             if t.state is VendStatus.SENT:
                 self._push(now, "resend", t)
-            elif t.state is VendStatus.UNKNOWN:
+            elif t.state is VendStatus.UNKNOWN and not t.operator_only:
                 self._push(now, "query", t)
 
 

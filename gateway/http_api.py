@@ -291,6 +291,10 @@ async def _create_vend(request: web.Request) -> web.Response:
             raise VendConflictError(vend_id, "the id is taken by a different request")
         if outcome == "exists":
             log.debug("vend_repeated", state=row.state.value)
+            if row.state is VendStatus.ACCEPTED:
+                # The first answer may have been lost after the commit, before the hand-off:
+                # hand it over again (the dispatcher ignores vends it already has).
+                api.sink.vend_accepted(row)
             return web.json_response(_vend_json(row), status=200)
         log.debug("vend_accepted", slot=slot, deadline=_rfc3339(row.deadline))
         try:

@@ -16,8 +16,10 @@ States (SPEC §6, docs/architecture.md)::
         └──deadline passed, never published──▶ expired ◀──machine proves it (tombstone)── unknown
 
 ``unknown`` is settled by the machine (a late result, or a status reply that proves the
-outcome) or by an operator. ``failed``, ``rejected`` and ``expired`` are "not dispensed"
-and are reported as refund-required.
+outcome) or by an operator; a late acknowledgement does not move it back (that would
+let a vend cycle between unknown and acknowledged, and emit "unknown" twice).
+``failed``, ``rejected`` and ``expired`` are "not dispensed" and are reported as
+refund-required.
 """
 
 from __future__ import annotations
@@ -99,7 +101,6 @@ TRANSITIONS: Final[dict[tuple[VendStatus, VendEvent], VendStatus]] = {
     (S.ACKNOWLEDGED, E.RESULT_FAILED): S.FAILED,
     (S.ACKNOWLEDGED, E.RESULT_UNCERTAIN): S.UNKNOWN,
     (S.ACKNOWLEDGED, E.NO_RESULT): S.UNKNOWN,
-    (S.UNKNOWN, E.ACK_ACCEPTED): S.ACKNOWLEDGED,
     (S.UNKNOWN, E.ACK_REFUSED): S.REJECTED,
     (S.UNKNOWN, E.RESULT_DISPENSED): S.DISPENSED,
     (S.UNKNOWN, E.RESULT_FAILED): S.FAILED,

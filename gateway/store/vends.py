@@ -216,6 +216,23 @@ async def apply(
     return row
 
 
+async def record_late_result(
+    conn: Conn, vend_id: str, dispense: dict[str, Any], *, conflict: bool
+) -> None:
+    """Record a result that arrived after the vend was settled, before it is acknowledged.
+
+    The vend keeps its state; the history keeps the machine's word, flagged when it
+    contradicts the outcome already reported (an alarm for an operator).
+    """
+    await conn.execute(
+        "INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail) "
+        "SELECT vend_id, state, state, 'late_result', 'machine', $2::jsonb "
+        "FROM vends WHERE vend_id = $1",
+        vend_id,
+        json.dumps({"dispense": dispense, "conflict": conflict}),
+    )
+
+
 async def set_attempts(conn: Conn, vend_id: str, attempts: int) -> None:
     """Record that ``attempts`` Vend frames have been published (never decreases)."""
     await conn.execute(

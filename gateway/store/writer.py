@@ -36,11 +36,21 @@ log = get_logger("gateway.store.writer")
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,  # class 08: connection exceptions
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, query cancelled
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a standby during failover
 )
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailableError | None:
+    """Return the retriable error for a database failure that is not the statement's fault."""
+    if isinstance(exc, _UNAVAILABLE):
+        error = DatabaseUnavailableError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    return None
 
 
 @dataclass(slots=True)
@@ -108,6 +118,14 @@ class GroupCommitter:
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def read(self, op: Op[T]) -> T:
+        """Run a read-only ``op`` on a pool connection now, without waiting for a commit."""
+        try:
+            async with self._pool.acquire() as conn:
+                return await op(conn)
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been committed or failed."""

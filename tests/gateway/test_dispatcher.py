@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.lifecycle import VendStatus
+from gateway.lifecycle import VendEvent, VendStatus
 from gateway.store import vends
 from protocols.device import MotorReport
 from protocols.frames import (
     FailReason,
     ResultAck,
     StatusQuery,
+    StatusReply,
     Vend,
     VendAck,
     VendResult,
@@ -200,3 +202,70 @@ async def test_sensor_off_fault_after_motor_moved_is_unknown(database: str) -> N
         machine.report = MotorReport(dropped=False, motor_ms=700, fault=FailReason.MOTOR_FAULT)
         await p.vend("order-1")
         assert await p.wait_for("order-1", S.UNKNOWN) is S.UNKNOWN
+
+
+async def test_reconcile_adopts_a_vend_that_was_never_handed_over(database: str) -> None:
+    """A vend committed without reaching the dispatcher is found by reconcile and dispensed."""
+    async with pipeline(database) as p:
+        request = vends.VendRequest("order-1", "VM-1", 1, 100, "CNY", None)
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        await p.writer.submit(lambda conn: vends.create(conn, request, deadline))
+        await asyncio.sleep(0.3)
+        assert await p.state("order-1") is S.ACCEPTED  # nobody told the dispatcher
+        await p.dispatcher.reconcile()
+        assert await p.wait_for("order-1", S.DISPENSED) is S.DISPENSED
+
+
+async def test_a_result_after_an_operator_settled_is_recorded_and_flagged(database: str) -> None:
+    """A DISPENSED result for a vend an operator refunded is stored as a conflict, then acked."""
+    async with pipeline(database) as p:
+        # Everything the machine says about the vend is lost until an operator has acted.
+        p.wire.lose_up += [lambda f: isinstance(f, (VendAck, VendResult, StatusReply))] * 200
+        row = await p.vend("order-1", ttl_s=1.5)
+        assert await p.wait_for("order-1", S.UNKNOWN) is S.UNKNOWN
+        async with p.pool.acquire() as conn:
+            await vends.apply(
+                conn,
+                "order-1",
+                VendEvent.OPERATOR_NOT_DISPENSED,
+                actor="operator:test",
+                detail={"reason": "test"},
+            )
+        p.wire.lose_up.clear()
+        for _ in range(40):  # the machine re-sends its DISPENSED result
+            await p.wire.tick()
+            await asyncio.sleep(0.1)
+            async with p.pool.acquire() as conn:
+                history = await vends.history(conn, "order-1")
+            if any(h.event == "late_result" for h in history):
+                break
+        late = [h for h in history if h.event == "late_result"]
+        assert len(late) == 1
+        assert late[0].detail is not None
+        assert late[0].detail["conflict"] is True
+        assert p.registry.get_sample_value("vendgate_result_conflicts_total") == 1
+        await asyncio.sleep(0.2)
+        entry = p.wire.machines["VM-1"].device.log_entry(row.wire_id)
+        assert entry is not None
+        assert entry.result_acked
+
+
+async def test_a_late_ack_does_not_bring_an_unknown_vend_back(database: str) -> None:
+    """Once unknown, a vend stays unknown on a late VendAck; one unknown webhook only."""
+    async with pipeline(database) as p:
+        p.wire.disconnect("VM-1")
+        await p.vend("order-1", ttl_s=2.0)
+        assert await p.wait_for("order-1", S.UNKNOWN) is S.UNKNOWN
+        machine = p.wire.machines["VM-1"]
+        machine.report = MotorReport(dropped=True, motor_ms=10)
+        p.wire.connect("VM-1")  # it now gets the queued re-sends / status queries
+        final = await p.wait_for("order-1", S.EXPIRED, S.DISPENSED, timeout=15)
+        async with p.pool.acquire() as conn:
+            types = [
+                r["event_type"]
+                for r in await conn.fetch("SELECT event_type FROM webhook_outbox ORDER BY id")
+            ]
+            states = [h.to_state for h in await vends.history(conn, "order-1")]
+        assert types.count("vend.unknown") == 1
+        assert S.ACKNOWLEDGED not in states[states.index(S.UNKNOWN) :]
+        assert final in (S.EXPIRED, S.DISPENSED)
