@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,8 @@ from gateway.embedded import EmbeddedPostgres, Mosquitto
 from gateway.lifecycle import NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
-from gateway.store import db
-from gateway.webhooks import verify
-from protocols.codec import FrameKey, encode
+from gateway.store import db, vends
+from gateway.webhooks import WebhookRecorder
 
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"  # noqa: S105  (a throwaway test secret)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -66,28 +65,6 @@ class BenchSettings:
     broker: str | None = None
     dsn: str | None = None
     workdir: Path | None = None
-
-
-@dataclass
-class Receiver:
-    """The payment backend's webhook endpoint: verifies signatures, records events."""
-
-    secret: bytes
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    deliveries: int = 0
-    bad_signatures: int = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        """Record one delivery; 401 for a bad signature."""
-        body = await request.read()
-        header = request.headers.get("Vendgate-Signature", "")
-        if not verify(self.secret, header, body, now=time.time()):
-            self.bad_signatures += 1
-            return web.Response(status=401)
-        self.deliveries += 1
-        event = json.loads(body)
-        self.events.setdefault(event["event_id"], event)
-        return web.Response(status=204)
 
 
 def _free_port() -> int:
@@ -147,7 +124,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             dsn = await pg.start()
             stack.push_async_callback(pg.stop)
 
-        receiver = Receiver(WEBHOOK_SECRET.encode())
+        receiver = WebhookRecorder(WEBHOOK_SECRET.encode())
         hook_app = web.Application()
         hook_app.router.add_post("/hooks", receiver.handle)
         runner = web.AppRunner(hook_app, access_log=None)
@@ -305,10 +282,7 @@ async def _fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
 async def _wait_settled(pool: asyncpg.Pool, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pending = await pool.fetchval(
-            "SELECT count(*) FROM vends WHERE state IN ('accepted', 'sent', 'acknowledged')"
-        )
-        if pending == 0:
+        if await vends.unsettled_count(pool) == 0:  # type: ignore[arg-type]  # a pool runs it
             return True
         await asyncio.sleep(0.25)
     return False
@@ -330,7 +304,7 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
     load: dict[str, Any],
     rows: list[asyncpg.Record],
     turns: list[DispenseRecord],
-    receiver: Receiver,
+    receiver: WebhookRecorder,
     settled: bool,
     elapsed: float,
     cpu_s: float,
@@ -365,7 +339,7 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
         "webhooks_missing": verdict.webhooks_missing,
         "webhook_duplicate_events": verdict.webhook_duplicates,
         "problems": verdict.problems[:20],
-        "webhook_bad_signatures": receiver.bad_signatures,
+        "webhook_bad_signatures": receiver.rejected,
         "throughput_vps": round(completed / window, 1) if window > 0 else 0.0,
         "latency_ms": {
             "p50": round(_percentile(latencies, 0.50), 1),
@@ -409,15 +383,7 @@ async def _fleet_main(args: dict[str, Any]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Fleet(settings) as fleet:
-        # Planogram sync is the sessions layer's job (a later issue); until then the
-        # simulated machines start configured, as if set up at installation.
-        planogram = settings.planogram()
-        now_ms = int(time.time() * 1000)
-        for machine_id in fleet.machine_ids:
-            key = FrameKey.derive(settings.master_secret, machine_id)
-            device = fleet.device(machine_id)
-            assert device is not None  # noqa: S101  (every machine id has a device)
-            device.receive(encode(planogram, key), now_ms)
+        fleet.configure_locally()  # planogram sync over MQTT is a later issue
         sys.stdout.write(READY_MARK.decode() + json.dumps(fleet.machine_ids) + "\n")
         sys.stdout.flush()
         await stop.wait()

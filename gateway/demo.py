@@ -10,7 +10,6 @@ only if the exactly-once checker (:mod:`gateway.checker`) finds nothing wrong.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import secrets
 import shutil
@@ -30,8 +29,8 @@ from gateway.checker import VendFact, Verdict, check
 from gateway.config import Config, load_config
 from gateway.lifecycle import NOT_DISPENSED, VendStatus
 from gateway.simulator import Fleet, FleetSettings, OfflineWindow
-from gateway.webhooks import verify
-from protocols.codec import FrameKey, encode
+from gateway.store import vends
+from gateway.webhooks import WebhookRecorder
 
 HOOK_SECRET = "demo-webhook-secret-0123456789"  # noqa: S105  (a throwaway demo secret)
 
@@ -51,30 +50,11 @@ class DemoSettings:
     seed: int = 7
 
 
-class Hooks:
-    """The payment backend's webhook endpoint: verifies, de-duplicates, counts."""
-
-    def __init__(self) -> None:
-        self.events: dict[str, dict[str, object]] = {}
-        self.rejected = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        """Record one delivery."""
-        body = await request.read()
-        header = request.headers.get("Vendgate-Signature", "")
-        if not verify(HOOK_SECRET.encode(), header, body, now=time.time()):
-            self.rejected += 1
-            return web.Response(status=401)
-        event = json.loads(body)
-        self.events.setdefault(str(event["event_id"]), event)
-        return web.Response(status=204)
-
-
 async def run(out: TextIO, settings: DemoSettings | None = None) -> int:
     """Run the demo, print progress and the summary; return the exit code."""
     s = settings or DemoSettings()
     root = _make_root()
-    hooks = Hooks()
+    hooks = WebhookRecorder(HOOK_SECRET.encode())
     hook_runner, hook_url = await _start_receiver(hooks)
     config = _config(root, hook_url)
     gateway = Gateway(config, state_dir=root)
@@ -125,7 +105,7 @@ def _config(root: Path, hook_url: str) -> Config:
     )
 
 
-async def _start_receiver(hooks: Hooks) -> tuple[web.AppRunner, str]:
+async def _start_receiver(hooks: WebhookRecorder) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_post("/payments/vend-events", hooks.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -146,7 +126,7 @@ async def _until_ready(gateway: Gateway, serving: asyncio.Task[None]) -> None:
 
 
 async def _drive(
-    out: TextIO, s: DemoSettings, gateway: Gateway, hooks: Hooks
+    out: TextIO, s: DemoSettings, gateway: Gateway, hooks: WebhookRecorder
 ) -> tuple[Verdict, list[float]]:
     endpoints = gateway.endpoints
     assert endpoints is not None  # noqa: S101  (ready)
@@ -172,7 +152,7 @@ async def _drive(
             ) as r:
                 r.raise_for_status()
         async with Fleet(fleet_settings) as fleet:
-            _preconfigure(fleet, fleet_settings)
+            fleet.configure_locally()  # planogram sync over MQTT is a later issue
             accepted = await _load(
                 out, s, http=http, url=endpoints.http_url, ids=ids, gateway=gateway
             )
@@ -183,18 +163,6 @@ async def _drive(
             turns = list(fleet.dispenses)
     out.write(f"{accepted} vends accepted by the API\n")
     return check(facts, turns, hooks.events.values(), expect_webhooks=True), latencies
-
-
-def _preconfigure(fleet: Fleet, settings: FleetSettings) -> None:
-    # Planogram sync is the sessions layer's job (a later issue); until then the
-    # machines start configured, as if set up at installation.
-    planogram = settings.planogram()
-    now_ms = int(time.time() * 1000)
-    for machine_id in fleet.machine_ids:
-        device = fleet.device(machine_id)
-        assert device is not None  # noqa: S101  (every id has a device)
-        key = FrameKey.derive(settings.master_secret, machine_id)
-        device.receive(encode(planogram, key), now_ms)
 
 
 async def _load(
@@ -248,12 +216,7 @@ async def _settle(dsn: str, timeout_s: float) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            pending = await conn.fetchval(
-                "SELECT count(*) FROM vends WHERE state IN ('accepted', 'sent', 'acknowledged')"
-            )
-            if not pending:
-                return
+        while time.monotonic() < deadline and await vends.unsettled_count(conn):  # noqa: ASYNC110  (polling another process's database; no event to wait on)
             await asyncio.sleep(0.5)
     finally:
         await conn.close()
@@ -275,7 +238,7 @@ async def _facts(dsn: str) -> tuple[list[VendFact], list[float]]:
     return facts, latencies
 
 
-def _summary(out: TextIO, verdict: Verdict, latencies: list[float], hooks: Hooks) -> None:
+def _summary(out: TextIO, verdict: Verdict, latencies: list[float], hooks: WebhookRecorder) -> None:
     by = verdict.by_state
     not_dispensed = Counter({s.value: by.get(s, 0) for s in NOT_DISPENSED})
     pct = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99

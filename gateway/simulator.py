@@ -45,7 +45,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from gateway.errors import BrokerUnavailableError, GatewayError
 from gateway.logs import get_logger
-from protocols.codec import FrameKey, check_machine_id, decode
+from protocols.codec import FrameKey, check_machine_id, decode, encode
 from protocols.device import (
     Action,
     Device,
@@ -851,6 +851,18 @@ class Fleet:
     def device(self, machine_id: str) -> Device | None:
         """Return the machine's current Device, or None while it reboots."""
         return self._machines[machine_id].device
+
+    def configure_locally(self, config: Config | None = None) -> None:
+        """Apply a planogram on every machine directly, as a technician would at installation.
+
+        Planogram sync over MQTT is the sessions layer's job; until a gateway pushes
+        ``Config`` this gives the machines slots to vend from (the reference one by default).
+        """
+        planogram = config or self.settings.planogram()
+        now_ms = int(time.time() * 1000)
+        for machine in self._machines.values():
+            if machine.device is not None:
+                machine.device.receive(encode(planogram, machine.key), now_ms)
 
     def store(self, machine_id: str) -> MemoryStore:
         """Return the machine's durable store (it survives simulated reboots)."""

@@ -31,6 +31,7 @@ from typing import Any, Final, Self
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 from gateway.config import WebhookConfig
 from gateway.logs import get_logger
@@ -348,3 +349,29 @@ class WebhookDeliverer:
                 outcome="failed",
                 error=f"{type(exc).__name__}: {exc}",
             )
+
+
+class WebhookRecorder:
+    """A reference receiver: verifies each delivery and keeps events by event id.
+
+    What a payment backend does with vendgate's webhooks, in a few lines; the demo and
+    the benchmark use it as their backend.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self.events: dict[str, dict[str, Any]] = {}
+        self.deliveries = 0
+        self.rejected = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Record one delivery (de-duplicated by event id); 401 for a bad signature."""
+        body = await request.read()
+        header = request.headers.get("Vendgate-Signature", "")
+        if not verify(self._secret, header, body, now=time.time()):
+            self.rejected += 1
+            return web.Response(status=401)
+        self.deliveries += 1
+        event = json.loads(body)
+        self.events.setdefault(str(event["event_id"]), event)
+        return web.Response(status=204)

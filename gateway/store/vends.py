@@ -283,6 +283,14 @@ async def active(conn: Conn) -> list[VendRow]:
     return [VendRow.from_record(r) for r in records]
 
 
+async def unsettled_count(conn: Conn) -> int:
+    """Return how many vends are still on their way (accepted, sent or acknowledged)."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM vends WHERE state IN ('accepted', 'sent', 'acknowledged')"
+    )
+    return count
+
+
 async def _history(  # noqa: PLR0917  (one column each; called twice, privately)
     conn: Conn,
     vend_id: str,
