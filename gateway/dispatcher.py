@@ -166,6 +166,7 @@ class Dispatcher:
         self._on_webhook = on_webhook
         self._reconcile_s = reconcile_s
         self._vends: dict[str, Tracked] = {}
+        self._settled: dict[str, float] = {}  # vend id -> when this gateway saw it settle
         self._by_wire: dict[int, str] = {}
         self._by_machine: dict[str, set[str]] = {}
         self._queues: dict[str, deque[str]] = {}
@@ -251,6 +252,7 @@ class Dispatcher:
             self._push(now, "query", t)
 
     def _forget(self, t: Tracked) -> None:
+        self._settled[t.vend_id] = time.monotonic()
         self._vends.pop(t.vend_id, None)
         self._by_wire.pop(t.wire_id, None)
         machine = self._by_machine.get(t.machine_id)
@@ -298,17 +300,29 @@ class Dispatcher:
         """Adopt active vends missing from memory; drop tracked ones settled elsewhere."""
         rows = await self._read_active(retry=False)
         active = {row.vend_id for row in rows}
+        # Not active in the snapshot: settled elsewhere (another gateway, an operator), or
+        # created after the snapshot was read. Only a fresh read of the row can tell.
         for t in [t for t in self._vends.values() if t.vend_id not in active]:
-            self._metrics.in_flight.labels(t.state.value).dec()
-            self._forget(t)  # final now: moved by another gateway or an operator
-        adopted = {row.machine_id for row in rows if row.vend_id not in self._vends}
-        for row in rows:
-            if row.vend_id not in self._vends:
-                self._adopt(row)
-        for machine_id in adopted:
+            await self._refresh(t)
+        # Active in the snapshot but untracked: never handed over, or settled by us after
+        # the snapshot was read (remembered for a while, so it is not taken up again).
+        self._prune_settled()
+        fresh = [
+            row
+            for row in rows
+            if row.vend_id not in self._vends and row.vend_id not in self._settled
+        ]
+        for row in fresh:
+            self._adopt(row)
+        for machine_id in {row.machine_id for row in fresh}:
             self._spawn(self._advance(machine_id), f"gateway.dispatch.{machine_id}")
-        if adopted:
-            log.info("dispatch_reconciled", machines=len(adopted))
+        if fresh:
+            log.info("dispatch_reconciled", vends=len(fresh))
+
+    def _prune_settled(self) -> None:
+        horizon = time.monotonic() - 3 * self._reconcile_s
+        for vend_id in [v for v, at in self._settled.items() if at < horizon]:
+            del self._settled[vend_id]
 
     # --- sending ------------------------------------------------------------------------------
 

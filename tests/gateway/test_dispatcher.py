@@ -269,3 +269,32 @@ async def test_a_late_ack_does_not_bring_an_unknown_vend_back(database: str) -> 
         assert types.count("vend.unknown") == 1
         assert S.ACKNOWLEDGED not in states[states.index(S.UNKNOWN) :]
         assert final in (S.EXPIRED, S.DISPENSED)
+
+
+async def test_reconcile_drops_vends_settled_elsewhere_but_keeps_newer_ones(
+    database: str,
+) -> None:
+    """Reconcile forgets a vend an operator settled, and keeps one missing from its snapshot."""
+    async with pipeline(database) as p:
+        p.wire.disconnect("VM-1")
+        await p.vend("order-1", ttl_s=30)
+        await p.vend("order-2", ttl_s=30)
+        await p.wait_for("order-1", S.SENT)
+        assert p.dispatcher.tracked == 2
+        # A snapshot taken before order-2 existed: it must not be dropped for that.
+        real = p.dispatcher._read_active
+
+        async def stale(*, retry: bool) -> list[vends.VendRow]:
+            return [row for row in await real(retry=retry) if row.vend_id != "order-2"]
+
+        p.dispatcher._read_active = stale  # type: ignore[method-assign]
+        await p.dispatcher.reconcile()
+        assert p.dispatcher.tracked == 2
+        p.dispatcher._read_active = real  # type: ignore[method-assign]
+        async with p.pool.acquire() as conn:
+            await vends.apply(conn, "order-1", VendEvent.NO_ACK)
+            await vends.apply(
+                conn, "order-1", VendEvent.OPERATOR_NOT_DISPENSED, actor="operator:test"
+            )
+        await p.dispatcher.reconcile()
+        assert p.dispatcher.tracked == 1  # order-1 is final now; order-2 is still queued
