@@ -43,6 +43,7 @@ log = get_logger("gateway.app")
 
 SECRET_FILE = "master_secret"  # noqa: S105  (a file name, not a secret)
 CLIENT_ID_FILE = "mqtt_client_id"
+ONE_OFF_SESSION_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +111,19 @@ class Gateway:
                 assert uplink is not None  # noqa: S101  (set before the link connects)
                 await uplink.handle(topic, payload)
 
+            client_id, one_off = self._client_id(stack)
             group = config.mqtt.shared_group
             self._link = link = MqttLink(
                 MqttSettings(
                     host=host,
                     port=port,
-                    client_id=self._client_id(stack),
+                    client_id=client_id,
                     username=config.mqtt.username,
                     password=config.mqtt.password,
                     keepalive_s=config.mqtt.keepalive_s,
+                    # A one-off id is never resumed: let its session go soon after we stop,
+                    # so it does not keep a share of the uplinks queued for nobody.
+                    session_expiry_s=ONE_OFF_SESSION_S if one_off else 3600,
                 ),
                 handle,
                 [
@@ -208,7 +213,7 @@ class Gateway:
         log.info("embedded_mosquitto_started", url=broker.url)
         return broker.host, broker.port
 
-    def _client_id(self, stack: AsyncExitStack) -> str:
+    def _client_id(self, stack: AsyncExitStack) -> tuple[str, bool]:
         """Return ``mqtt.client_id``, or this installation's own id, kept in the state folder.
 
         The MQTT session outlives the process (`MqttSettings.session_expiry_s`), and a session
@@ -217,11 +222,11 @@ class Gateway:
         (MQTT 5 §4.8.2 lets it; Mosquitto does). A gateway that restarts, after a crash
         above all, must therefore come back under the same id, resume its session and get
         what was queued for it. The file is locked while the gateway runs; a second gateway
-        on the same state folder gets a one-off id, and a warning, because its session will
-        be orphaned when it stops.
+        on the same state folder gets a one-off id (returned with True), and a warning; its
+        session is given a short expiry, since nobody will resume it.
         """
         if self.config.mqtt.client_id is not None:
-            return self.config.mqtt.client_id
+            return self.config.mqtt.client_id, False
         path = self.state_dir / CLIENT_ID_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+", encoding="ascii")
@@ -231,7 +236,7 @@ class Gateway:
             handle.close()
             one_off = f"vendgate-{socket.gethostname()}-{os.getpid()}"
             log.warning("mqtt_client_id_in_use", path=str(path), client_id=one_off)
-            return one_off
+            return one_off, True
         stack.callback(handle.close)  # holds the lock until the gateway has stopped
         handle.seek(0)
         client_id = handle.read().strip()
@@ -241,7 +246,7 @@ class Gateway:
             handle.flush()
             os.fsync(handle.fileno())
             log.info("mqtt_client_id_created", path=str(path), client_id=client_id)
-        return client_id
+        return client_id, False
 
     def _master_secret(self) -> bytes:
         """Return the configured master secret, or a development one kept in the state folder."""
