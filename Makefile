@@ -6,7 +6,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench fuzz vectors clean
+.PHONY: demo test lint format bench fuzz vectors clean mosquitto
+
+# The tests and the demo start private Mosquitto brokers; PostgreSQL comes from a wheel.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing mosquitto (Debian package)"; \
+			apt-get update -qq && apt-get install -y -qq mosquitto; \
+		else \
+			echo "vendgate needs the mosquitto binary: sudo apt-get install mosquitto" >&2; \
+			exit 1; \
+		fi; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +26,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## demo: the whole pipeline on embedded defaults, with faults, in about a minute
-demo: $(STAMP)
+demo: $(STAMP) mosquitto
 	$(BIN)/vendgate demo
 
 ## test: the whole test suite (pure, component and integration tiers)
-test: $(STAMP)
+test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## lint: ruff (rules and format) and mypy --strict, with no exceptions
@@ -33,7 +44,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 ## bench: short benchmarks that print what they measured (results in bench-results/)
-bench: $(STAMP)
+bench: $(STAMP) mosquitto
 	mkdir -p bench-results
 	$(BIN)/python -m benchmarks.codec --json bench-results/codec.json
 	$(BIN)/vendgate bench --machines 50 --vends 2000 --rate 200 --json bench-results/vends-open-loop.json
