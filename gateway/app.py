@@ -17,16 +17,15 @@ import socket
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.config import Config
+from gateway.config import Config, mqtt_address
 from gateway.dispatcher import Dispatcher
 from gateway.embedded import EmbeddedPostgres, Mosquitto
 from gateway.errors import ConfigError
-from gateway.http_api import begin_shutdown, create_app
+from gateway.http_api import begin_shutdown, bound_port, create_app
 from gateway.keys import KeyRing
 from gateway.lifecycle import Timing
 from gateway.logs import get_logger
@@ -170,7 +169,7 @@ class Gateway:
                     await runner.setup()
                     site = web.TCPSite(runner, config.http.host, config.http.port)
                     await site.start()
-                    http_port = _bound_port(site)
+                    http_port = bound_port(site)
                     self.endpoints = Endpoints(
                         http_url=f"http://{config.http.host}:{http_port}",
                         mqtt_host=host,
@@ -205,8 +204,7 @@ class Gateway:
     async def _broker(self, stack: AsyncExitStack) -> tuple[str, int]:
         url = self.config.mqtt.url
         if url is not None:
-            parts = urlsplit(url)
-            return parts.hostname or "127.0.0.1", parts.port or 1883
+            return mqtt_address(url)
         broker = Mosquitto(self.state_dir / "mosquitto")
         await broker.start()
         stack.push_async_callback(broker.stop)
@@ -275,11 +273,3 @@ class _Ready:
 
     def ready(self) -> dict[str, bool]:
         return self.gateway.ready_checks()
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # noqa: SLF001  (aiohttp exposes the bound socket only here)
-    sockets = getattr(server, "sockets", None) or []
-    for sock in sockets:
-        return int(sock.getsockname()[1])
-    raise RuntimeError("the HTTP site has no socket")

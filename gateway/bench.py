@@ -23,7 +23,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,10 +34,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from aiohttp import web
 
 from gateway.checker import VendFact, check
-from gateway.embedded import EmbeddedPostgres, Mosquitto
+from gateway.config import mqtt_address
+from gateway.embedded import EmbeddedPostgres, Mosquitto, free_port
 from gateway.lifecycle import NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
@@ -65,12 +64,6 @@ class BenchSettings:
     broker: str | None = None
     dsn: str | None = None
     workdir: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -125,15 +118,10 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             stack.push_async_callback(pg.stop)
 
         receiver = WebhookRecorder(WEBHOOK_SECRET.encode())
-        hook_app = web.Application()
-        hook_app.router.add_post("/hooks", receiver.handle)
-        runner = web.AppRunner(hook_app, access_log=None)
-        await runner.setup()
-        hook_port = _free_port()
-        await web.TCPSite(runner, "127.0.0.1", hook_port).start()
-        stack.push_async_callback(runner.cleanup)
+        hook_url = await receiver.serve()
+        stack.push_async_callback(receiver.close)
 
-        http_port = _free_port()
+        http_port = free_port()
         http_url = f"http://127.0.0.1:{http_port}"
         gateway_log = (work / "gateway.log").open("wb")
         stack.callback(gateway_log.close)
@@ -154,7 +142,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             "--set",
             f"http.port={http_port}",
             "--set",
-            f"webhook.url=http://127.0.0.1:{hook_port}/hooks",
+            f"webhook.url={hook_url}",
             "--set",
             f"webhook.secret={WEBHOOK_SECRET}",
             "--set",
@@ -234,7 +222,8 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
 
         pool = await db.create_pool(dsn, min_size=1, max_size=2)
         stack.push_async_callback(pool.close)
-        settled = await _wait_settled(pool, settings.settle_timeout_s)
+        async with pool.acquire() as conn:
+            settled = await vends.wait_settled(conn, settings.settle_timeout_s)
         cpu_after = _cpu_seconds(gateway.pid)
         elapsed = time.time() - started
         rss = _rss_mb(gateway.pid)
@@ -277,15 +266,6 @@ async def _fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
             machines: list[str] = json.loads(line[len(READY_MARK) :])
             return machines
     raise RuntimeError("the fleet process exited before it was ready")
-
-
-async def _wait_settled(pool: asyncpg.Pool, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await vends.unsettled_count(pool) == 0:  # type: ignore[arg-type]  # a pool runs it
-            return True
-        await asyncio.sleep(0.25)
-    return False
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -367,10 +347,10 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
 
 
 async def _fleet_main(args: dict[str, Any]) -> None:
-    host, _, port = args["broker"].removeprefix("mqtt://").partition(":")
+    host, port = mqtt_address(args["broker"])
     settings = FleetSettings(
         broker_host=host,
-        broker_port=int(port),
+        broker_port=port,
         master_secret=bytes.fromhex(args["secret"]),
         machines=args["machines"],
         dispense_ms=args["dispense_ms"],

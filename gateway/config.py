@@ -40,6 +40,7 @@ __all__ = [
     "VendConfig",
     "WebhookConfig",
     "load_config",
+    "mqtt_address",
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -116,6 +117,12 @@ def _mqtt_url(value: str) -> str | None:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return "must be only mqtt://host:port (no path, query or fragment)"
     return None
+
+
+def mqtt_address(url: str) -> tuple[str, int]:
+    """Return (host, port) of an ``mqtt://`` or ``mqtts://`` URL; port 1883 when none is given."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
 def _http_url(value: str) -> str | None:

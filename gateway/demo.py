@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TextIO
 
 import aiohttp
-from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.checker import VendFact, Verdict, check
@@ -55,7 +54,7 @@ async def run(out: TextIO, settings: DemoSettings | None = None) -> int:
     s = settings or DemoSettings()
     root = _make_root()
     hooks = WebhookRecorder(HOOK_SECRET.encode())
-    hook_runner, hook_url = await _start_receiver(hooks)
+    hook_url = await hooks.serve("/payments/vend-events")
     config = _config(root, hook_url)
     gateway = Gateway(config, state_dir=root)
     stop = asyncio.Event()
@@ -75,7 +74,7 @@ async def run(out: TextIO, settings: DemoSettings | None = None) -> int:
             finally:
                 stop.set()
     finally:
-        await hook_runner.cleanup()
+        await hooks.close()
     _summary(out, verdict, latencies, hooks)
     shutil.rmtree(root, ignore_errors=True)
     return 0 if verdict.ok and not hooks.rejected else 1
@@ -103,17 +102,6 @@ def _config(root: Path, hook_url: str) -> Config:
             "vend.retry_cap_s=2",
         ],
     )
-
-
-async def _start_receiver(hooks: WebhookRecorder) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_post("/payments/vend-events", hooks.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
-    return runner, f"http://127.0.0.1:{port}/payments/vend-events"
 
 
 async def _until_ready(gateway: Gateway, serving: asyncio.Task[None]) -> None:
@@ -215,9 +203,7 @@ async def _settle(dsn: str, timeout_s: float) -> None:
 
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and await vends.unsettled_count(conn):  # noqa: ASYNC110  (polling another process's database; no event to wait on)
-            await asyncio.sleep(0.5)
+        await vends.wait_settled(conn, timeout_s, poll_s=0.5)
     finally:
         await conn.close()
 

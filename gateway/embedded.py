@@ -58,7 +58,8 @@ def find_mosquitto() -> str:
     )
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free right now on ``host``."""
     # The port is released before Mosquitto binds it; another process could take it in
     # between, but the kernel hands out ephemeral ports in rotation, so that is rare.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -90,7 +91,7 @@ class Mosquitto:
     ) -> None:
         self.workdir = workdir.resolve()
         # Picked once, so restart() comes back on the same port and clients can reconnect.
-        self.port = port or _free_port(self.host)
+        self.port = port or free_port(self.host)
         self.persistence = persistence
         self.extra_config = extra_config
         self.config_path = self.workdir / "mosquitto.conf"

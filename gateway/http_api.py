@@ -167,6 +167,14 @@ def create_app(
     return app
 
 
+def bound_port(site: web.TCPSite) -> int:
+    """Return the port a started site is listening on (useful when it was started on port 0)."""
+    server = site._server  # noqa: SLF001  (aiohttp exposes the bound socket only here)
+    for sock in getattr(server, "sockets", None) or []:
+        return int(sock.getsockname()[1])
+    raise RuntimeError("the HTTP site has no socket")
+
+
 def begin_shutdown(app: web.Application) -> None:
     """Stop intake: from now on POST routes answer 503 and ``/readyz`` fails (house style #9)."""
     app[_API].shutting_down = True

@@ -360,9 +360,28 @@ class WebhookRecorder:
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        self._runner: web.AppRunner | None = None
         self.events: dict[str, dict[str, Any]] = {}
         self.deliveries = 0
         self.rejected = 0
+
+    async def serve(self, path: str = "/hooks") -> str:
+        """Listen on 127.0.0.1 (a free port) and return the URL to give ``webhook.url``."""
+        from gateway.http_api import bound_port  # noqa: PLC0415  (receiver side only)
+
+        app = web.Application()
+        app.router.add_post(path, self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{bound_port(site)}{path}"
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     async def handle(self, request: web.Request) -> web.Response:
         """Record one delivery (de-duplicated by event id); 401 for a bad signature."""

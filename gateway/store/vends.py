@@ -10,9 +10,11 @@ first.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -289,6 +291,16 @@ async def unsettled_count(conn: Conn) -> int:
         "SELECT count(*) FROM vends WHERE state IN ('accepted', 'sent', 'acknowledged')"
     )
     return count
+
+
+async def wait_settled(conn: Conn, timeout_s: float, *, poll_s: float = 0.25) -> bool:
+    """Poll until no vend is on its way any more; False if ``timeout_s`` passed first."""
+    deadline = time.monotonic() + timeout_s
+    while await unsettled_count(conn):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+    return True
 
 
 async def _history(  # noqa: PLR0917  (one column each; called twice, privately)
