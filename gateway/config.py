@@ -379,6 +379,48 @@ class WebhookConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionsConfig(_Section):
+    """Machine presence: when a silent machine counts as gone, and how often presence is saved."""
+
+    section: ClassVar[str] = "sessions"
+    rules: ClassVar[tuple[_Rule, ...]] = ()
+
+    # No frame for this long ends the session ("heartbeat_timeout"). Machines send a heartbeat
+    # every 30 s (SPEC §9), so the default tolerates two lost heartbeats before flapping.
+    heartbeat_timeout_s: float = field(default=75.0, metadata=_meta(check=_between(1, 86400)))
+    heartbeat_interval_s: float = field(default=30.0, metadata=_meta(check=_between(1, 3600)))
+    flush_interval_s: float = field(default=1.0, metadata=_meta(check=_between(0.01, 60)))
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig(_Section):
+    """Telemetry ingest: COPY batches flushed on size or age, daily partitions, retention."""
+
+    section: ClassVar[str] = "telemetry"
+    rules: ClassVar[tuple[_Rule, ...]] = ()
+
+    batch_rows: int = field(default=5000, metadata=_meta(check=_between(1, 1_000_000)))
+    max_age_s: float = field(default=0.05, metadata=_meta(check=_between(0.001, 60)))
+    # Messages waiting for a commit; beyond it the MQTT handler waits (and so does the broker).
+    queue_messages: int = field(default=20_000, metadata=_meta(check=_between(1, 10_000_000)))
+    retention_days: int = field(default=30, metadata=_meta(check=_between(1, 3650)))
+    maintenance_interval_s: float = field(default=3600.0, metadata=_meta(check=_between(1, 86400)))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanogramConfig(_Section):
+    """Planogram sync and slot health."""
+
+    section: ClassVar[str] = "planogram"
+    rules: ClassVar[tuple[_Rule, ...]] = ()
+
+    # An online machine whose reported version lags is sent Config again this often.
+    resend_s: float = field(default=30.0, metadata=_meta(check=_between(1, 86400)))
+    # This many failed dispenses in a row disable a slot until an operator enables it.
+    slot_failure_limit: int = field(default=3, metadata=_meta(check=_between(1, 1000)))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole resolved configuration, one frozen section per table."""
 
@@ -389,6 +431,9 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     vend: VendConfig = field(default_factory=VendConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    planogram: PlanogramConfig = field(default_factory=PlanogramConfig)
 
     def to_dict(self, redact: bool = True) -> dict[str, dict[str, object]]:
         """Return plain JSON-ready data for display; secrets read "***" unless redact is False."""
@@ -414,6 +459,9 @@ _SECTIONS: Final[dict[str, type[_Section]]] = {
         SecurityConfig,
         VendConfig,
         WebhookConfig,
+        SessionsConfig,
+        TelemetryConfig,
+        PlanogramConfig,
     )
 }
 

@@ -18,7 +18,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -48,7 +48,15 @@ from gateway.store.vends import Transition, VendRequest, VendRow
 from gateway.store.writer import GroupCommitter
 from protocols.codec import check_machine_id
 
-__all__ = ["OPENAPI", "Readiness", "VendSink", "begin_shutdown", "create_app"]
+__all__ = [
+    "OPENAPI",
+    "ApiExtension",
+    "Readiness",
+    "VendSink",
+    "begin_shutdown",
+    "create_app",
+    "openapi_document",
+]
 
 log = get_logger("gateway.http_api")
 
@@ -90,6 +98,21 @@ class VendSink(Protocol):
         """Queue a vend that was just created (called after its commit, once per vend)."""
 
 
+class ApiExtension(Protocol):
+    """A group of routes added by another module (machines, planograms), with their OpenAPI.
+
+    ``add_routes`` registers the handlers (``allow_head=False`` on GETs) and keeps whatever
+    they need in its own ``web.AppKey``. The error middleware, metrics and shutdown gate of
+    this module apply to them as to every route.
+    """
+
+    openapi_paths: Mapping[str, Any]
+    openapi_schemas: Mapping[str, Any]
+
+    def add_routes(self, app: web.Application) -> None:
+        """Register the extension's routes on ``app``."""
+
+
 class Readiness(Protocol):
     """The gateway's dependencies, as seen by ``/readyz``."""
 
@@ -112,6 +135,7 @@ class _Api:
 
 _API: Final = web.AppKey("vendgate.http_api", _Api)
 _REGISTRY: Final = web.AppKey("vendgate.http_registry", prometheus_client.CollectorRegistry)
+_DOCUMENT: Final = web.AppKey("vendgate.http_openapi", dict)
 
 
 def create_app(
@@ -124,6 +148,7 @@ def create_app(
     registry: prometheus_client.CollectorRegistry,
     clock: Callable[[], float] = time.time,
     max_body_bytes: int = 64 * 1024,
+    extensions: Sequence[ApiExtension] = (),
 ) -> web.Application:
     """Build the aiohttp application; the caller runs it (``web.AppRunner``)."""
     api = _Api(
@@ -159,7 +184,11 @@ def create_app(
     app.router.add_get("/v1/vends/{vend_id}", _get_vend, allow_head=False)
     app.router.add_post("/v1/vends/{vend_id}/resolve", _resolve_vend)
     app.router.add_post("/v1/machines", _register_machine)
-    app.router.add_get("/v1/machines/{machine_id}", _get_machine, allow_head=False)
+    if not any("/v1/machines/{machine_id}" in ext.openapi_paths for ext in extensions):
+        app.router.add_get("/v1/machines/{machine_id}", _get_machine, allow_head=False)
+    for extension in extensions:
+        extension.add_routes(app)
+    app[_DOCUMENT] = openapi_document(extensions)
     app.router.add_get("/healthz", _healthz, allow_head=False)
     app.router.add_get("/readyz", _readyz, allow_head=False)
     app.router.add_get("/metrics", _metrics, allow_head=False)
@@ -439,8 +468,19 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=text, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
 
-async def _openapi(_request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_DOCUMENT])
+
+
+def openapi_document(extensions: Sequence[ApiExtension] = ()) -> dict[str, Any]:
+    """Return :data:`OPENAPI` with the paths and schemas of ``extensions`` merged in."""
+    paths = dict(OPENAPI["paths"])
+    schemas = dict(OPENAPI["components"]["schemas"])
+    for extension in extensions:
+        for path, operations in extension.openapi_paths.items():
+            paths[path] = {**paths.get(path, {}), **operations}
+        schemas.update(extension.openapi_schemas)
+    return {**OPENAPI, "paths": paths, "components": {**OPENAPI["components"], "schemas": schemas}}
 
 
 # --- request parsing ----------------------------------------------------------------------------
@@ -623,7 +663,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "The body is not a JSON object.",
         404: "Not found; error.field names what.",
-        409: "Conflicts with the stored vend; error.field is vend_id.",
+        409: "Conflicts with what is stored (vend, planogram, slot); error.code says what.",
         413: "The body is larger than the limit.",
         422: "A field is missing, unknown, mistyped or out of range; error.field names it.",
         500: "Unexpected error; the gateway logged it.",
@@ -904,3 +944,19 @@ OPENAPI: Final[dict[str, Any]] = {
         }
     },
 }
+
+
+# --- for extensions (gateway/http_machines.py, gateway/http_planogram.py) -----------------------
+
+json_object = _json_object
+required = _required
+text_field = _text
+integer_field = _integer
+reading = _reading
+rfc3339 = _rfc3339
+openapi_ref = _ref
+openapi_json_body = _json_body
+openapi_errors = _errors
+CONTROL = _CONTROL
+CONTROL_BUT_SPACE = _CONTROL_BUT_SPACE
+TIMESTAMP = _TIMESTAMP
