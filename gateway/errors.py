@@ -114,6 +114,46 @@ class VendConflictError(ConflictError):
         return f"vend {self.vend_id!r} conflicts with the request: {self.reason}"
 
 
+class SlotRefusedError(ConflictError):
+    """A vend refused before it is stored: the slot cannot sell it now at that price."""
+
+    def __init__(self, machine_id: str, slot: int, reason: str) -> None:
+        super().__init__(machine_id, slot, reason)
+        self.machine_id = machine_id
+        self.slot = slot
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"machine {self.machine_id!r} slot {self.slot}: {self.reason}"
+
+
+class SlotDisabledError(SlotRefusedError):
+    """The slot is out of service (failed dispenses, or an operator); see its audit."""
+
+
+class SlotNotInPlanogramError(SlotRefusedError):
+    """The machine has a planogram, and it does not list this slot."""
+
+
+class PriceMismatchError(SlotRefusedError):
+    """The price (or currency) differs from the planogram's for this slot."""
+
+
+class PreconditionFailedError(GatewayError):
+    """A conditional request (If-Match) names a version that is no longer current."""
+
+    http_status: ClassVar[int] = 412
+
+    def __init__(self, what: str, expected: str, current: str) -> None:
+        super().__init__(what, expected, current)
+        self.what = what
+        self.expected = expected
+        self.current = current
+
+    def __str__(self) -> str:
+        return f"{self.what} is at version {self.current}, not {self.expected}"
+
+
 class UnavailableError(GatewayError):
     """A service the gateway depends on cannot be reached right now."""
 
