@@ -34,7 +34,11 @@ from gateway.config import VendConfig
 from gateway.errors import (
     DatabaseUnavailableError,
     GatewayError,
+    PriceMismatchError,
     ShuttingDownError,
+    SlotDisabledError,
+    SlotNotInPlanogramError,
+    SlotRefusedError,
     UnknownMachineError,
     UnknownVendError,
     ValidationError,
@@ -88,6 +92,11 @@ _UNAVAILABLE: Final = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
 )
+_SLOT_ERRORS: Final[dict[str, type[SlotRefusedError]]] = {
+    "slot_disabled": SlotDisabledError,
+    "not_in_planogram": SlotNotInPlanogramError,
+    "price_mismatch": PriceMismatchError,
+}
 _UNMATCHED: Final = "unmatched"  # the route label of a request no route matched
 
 
@@ -130,6 +139,7 @@ class _Api:
     clock: Callable[[], float]
     requests: prometheus_client.Counter
     seconds: prometheus_client.Histogram
+    slot_refusals: prometheus_client.Counter
     shutting_down: bool = False
 
 
@@ -168,6 +178,13 @@ def create_app(
             "vendgate_http_request_seconds",
             "Time to answer an HTTP request, by route pattern.",
             ["route"],
+            registry=registry,
+        ),
+        slot_refusals=prometheus_client.Counter(
+            "vendgate_vends_refused",
+            "Vends refused with 409 before being stored, by reason (slot_disabled, "
+            "not_in_planogram, price_mismatch).",
+            ["reason"],
             registry=registry,
         ),
     )
@@ -322,6 +339,10 @@ async def _create_vend(request: web.Request) -> web.Response:
         )
         if outcome == "unknown_machine":
             raise UnknownMachineError(machine_id)
+        if isinstance(row, vends.Refusal):
+            api.slot_refusals.labels(outcome).inc()
+            log.info("vend_refused_for_slot", outcome=outcome, slot=slot, reason=row.reason)
+            raise _SLOT_ERRORS[outcome](machine_id, slot, row.reason)
         assert row is not None  # noqa: S101  (create returns a row for the other outcomes)
         if outcome == "conflict":
             log.warning("vend_conflict", stored_state=row.state.value)

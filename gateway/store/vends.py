@@ -107,26 +107,60 @@ class Transition:
     at: datetime
 
 
-CreateOutcome = Literal["created", "exists", "conflict", "unknown_machine"]
+CreateOutcome = Literal[
+    "created",
+    "exists",
+    "conflict",
+    "unknown_machine",
+    "slot_disabled",
+    "not_in_planogram",
+    "price_mismatch",
+]
+#: The outcomes that refuse a new vend because of its slot (the vend is not stored).
+SLOT_REFUSALS: Final = frozenset({"slot_disabled", "not_in_planogram", "price_mismatch"})
 
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a new vend was refused for its slot, in words for the backend."""
+
+    reason: str
+
+
+# The vend is inserted only if its slot may sell it: the slot is not disabled, and, once the
+# machine has a planogram (config_desired set), the planogram lists the slot at this price and
+# currency. One statement, so the check and the insert see the same planogram.
 _INSERT: Final = """
 INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline, request_hash,
                    state)
 SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'accepted'
-WHERE EXISTS (SELECT 1 FROM machines WHERE machine_id = $3)
+FROM machines m
+LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = $4
+WHERE m.machine_id = $3
+  AND COALESCE(s.enabled, true)
+  AND (m.config_desired IS NULL OR (s.price = $5 AND s.currency = $6))
 ON CONFLICT DO NOTHING
 RETURNING *
+"""
+
+_SLOT: Final = """
+SELECT m.config_desired, s.price, s.currency, s.enabled, s.disabled_reason
+FROM machines m
+LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = $2
+WHERE m.machine_id = $1
 """
 
 
 async def create(
     conn: Conn, request: VendRequest, deadline: datetime
-) -> tuple[CreateOutcome, VendRow | None]:
+) -> tuple[CreateOutcome, VendRow | Refusal | None]:
     """Store a new vend in state ``accepted``, idempotently on ``vend_id``.
 
     Returns ``created`` with the row; ``exists`` with the stored row when the same
     request was stored before; ``conflict`` with the stored row when the id is taken by
-    a different request; ``unknown_machine`` when the machine is not registered.
+    a different request; ``unknown_machine`` when the machine is not registered; one of
+    :data:`SLOT_REFUSALS` with a :class:`Refusal` when the slot may not sell it. A repeat
+    of a stored vend is answered as stored even if the planogram or the slot changed since.
     """
     fingerprint = request.fingerprint()
     for _ in range(3):  # a wire-id collision (2**-63) is retried with a fresh id
@@ -151,11 +185,30 @@ async def create(
                 "exists" if bytes(existing["request_hash"]) == fingerprint else "conflict"
             )
             return outcome, VendRow.from_record(existing)
-        if not await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM machines WHERE machine_id = $1)", request.machine_id
-        ):
+        slot = await conn.fetchrow(_SLOT, request.machine_id, request.slot)
+        if slot is None:
             return "unknown_machine", None
+        refused = _refusal(slot, request)
+        if refused is not None:
+            return refused
     raise RuntimeError("could not draw a unique wire id three times")  # pragma: no cover
+
+
+def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome, Refusal] | None:
+    if slot["enabled"] is False:
+        why = slot["disabled_reason"] or "disabled"
+        return "slot_disabled", Refusal(f"the slot is out of service ({why}); do not charge")
+    version = slot["config_desired"]
+    if version is None:
+        return None
+    if slot["price"] is None:
+        return "not_in_planogram", Refusal(f"planogram version {version} has no such slot")
+    if (slot["price"], slot["currency"]) != (request.price, request.currency):
+        return "price_mismatch", Refusal(
+            f"the price is {slot['price']} {slot['currency']} in planogram version {version}; "
+            f"the request says {request.price} {request.currency}"
+        )
+    return None
 
 
 _APPLY: Final = """

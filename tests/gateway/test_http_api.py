@@ -230,6 +230,34 @@ async def test_unknown_machine_is_404(api: Api) -> None:
     assert api.sink.rows == []
 
 
+async def test_price_or_slot_the_planogram_refuses_is_409_before_payment(api: Api) -> None:
+    """A stale price, a slot not in the planogram or a disabled slot: 409, nothing stored."""
+    async with api.pool.acquire() as conn:
+        await conn.execute("UPDATE machines SET config_desired = 1 WHERE machine_id = $1;", MACHINE)
+        await conn.execute(
+            "INSERT INTO machine_slots (machine_id, slot, price, currency, enabled,"
+            " disabled_reason) VALUES ($1, 3, 350, 'CNY', true, NULL),"
+            " ($1, 4, 200, 'CNY', false, '3 failed dispenses in a row (last: JAM)')",
+            MACHINE,
+        )
+    cases = [
+        ({"slot": 3, "price": 300}, "price_mismatch", "350 CNY in planogram version 1"),
+        ({"slot": 5, "price": 300}, "slot_not_in_planogram", "has no such slot"),
+        ({"slot": 4, "price": 200}, "slot_disabled", "out of service"),
+    ]
+    for i, (changes, code, words) in enumerate(cases):
+        status, body = await api.post("/v1/vends", vend_body(f"refused-{i}", **changes))
+        assert status == 409, body
+        assert body["error"]["code"] == code
+        assert words in body["error"]["message"]
+    status, _ = await api.post("/v1/vends", vend_body("fine", slot=3, price=350))
+    assert status == 202
+    assert [row.vend_id for row in api.sink.rows] == ["fine"]
+    async with api.client.get("/metrics") as response:
+        text = await response.text()
+    assert 'vendgate_vends_refused_total{reason="price_mismatch"} 1.0' in text
+
+
 async def test_deadline_given_absolute_or_relative_is_used(api: Api) -> None:
     """An RFC 3339 deadline (any offset) is kept as that instant; deadline_s counts from now."""
     now = api.clock.now

@@ -85,6 +85,44 @@ async def test_create_is_idempotent_and_detects_conflicts(pool: asyncpg.Pool) ->
         assert [(h.from_state, h.to_state) for h in history] == [(None, VendStatus.ACCEPTED)]
 
 
+async def test_create_checks_the_slot_against_planogram_and_health(pool: asyncpg.Pool) -> None:
+    """Once a planogram exists it decides slot and price; a disabled slot refuses; repeats pass."""
+    async with pool.acquire() as conn:
+        # No planogram, no slot row: the vend is accepted as sent.
+        outcome, _ = await vends.create(conn, _request("free"), DEADLINE)
+        assert outcome == "created"
+        await conn.execute(
+            "UPDATE machines SET config_desired = 2 WHERE machine_id = 'VM-1';"
+            "INSERT INTO machine_slots (machine_id, slot, product_code, name, price, currency)"
+            " VALUES ('VM-1', 3, 'P3', 'Cola', 350, 'CNY'), ('VM-1', 4, 'P4', 'Tea', 200, 'CNY')"
+        )
+        assert (await vends.create(conn, _request("ok"), DEADLINE))[0] == "created"
+        outcome, why = await vends.create(conn, _request("cheap", price=300), DEADLINE)
+        assert outcome == "price_mismatch"
+        assert isinstance(why, vends.Refusal)
+        assert "350 CNY in planogram version 2" in why.reason
+        assert "300 CNY" in why.reason
+        outcome, _ = await vends.create(conn, _request("usd", currency="USD"), DEADLINE)
+        assert outcome == "price_mismatch"
+        outcome, why = await vends.create(conn, _request("nine", slot=9), DEADLINE)
+        assert outcome == "not_in_planogram"
+        assert isinstance(why, vends.Refusal)
+        await conn.execute(
+            "UPDATE machine_slots SET enabled = false, disabled_reason = '3 failed dispenses'"
+            " WHERE machine_id = 'VM-1' AND slot = 3"
+        )
+        outcome, why = await vends.create(conn, _request("late"), DEADLINE)
+        assert outcome == "slot_disabled"
+        assert isinstance(why, vends.Refusal)
+        assert "3 failed dispenses" in why.reason
+        # A backend re-sending a vend stored before the change gets the stored vend back.
+        again, row = await vends.create(conn, _request("ok"), DEADLINE)
+        assert again == "exists"
+        assert isinstance(row, vends.VendRow)
+        stored = await conn.fetchval("SELECT count(*) FROM vends")
+        assert stored == 2
+
+
 async def test_apply_is_compare_and_set_with_history_and_webhook(pool: asyncpg.Pool) -> None:
     """An event moves a vend once; a repeat changes nothing; final states enqueue one webhook."""
     async with pool.acquire() as conn:
