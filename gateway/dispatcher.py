@@ -28,7 +28,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from gateway.lifecycle import WEBHOOK_EVENTS, Timing, VendEvent, VendStatus
 from gateway.logs import get_logger
 from gateway.metrics import VendMetrics
 from gateway.store import vends
+from gateway.store.db import Conn
 from gateway.store.vends import VendRow
 from gateway.store.writer import GroupCommitter
 from protocols.codec import encode
@@ -65,6 +66,11 @@ log = get_logger("gateway.dispatcher")
 MAX_ATTEMPT = 255  # SPEC §8: the gateway keeps re-sending attempt 255
 QUERY_BACKOFF_CAP_S = 60.0
 STEP_RETRY_S = 1.0  # a timer step that failed (database or broker down) runs again after this
+
+
+#: Runs in the transaction that stores a machine's result (``late``: the vend was settled
+#: before): the dispense record and slot health are written with the result or not at all.
+ResultHook = Callable[[Conn, VendRow, Dispense, bool], Awaitable[None]]
 
 
 class Publisher(Protocol):
@@ -155,6 +161,7 @@ class Dispatcher:
         max_tasks: int = 1024,
         on_webhook: Callable[[], None] | None = None,
         reconcile_s: float = 30.0,
+        on_result: ResultHook | None = None,
     ) -> None:
         self._writer = writer
         self._publisher = publisher
@@ -165,6 +172,7 @@ class Dispatcher:
         self._clock = clock
         self._on_webhook = on_webhook
         self._reconcile_s = reconcile_s
+        self._result_hook = on_result
         self._vends: dict[str, Tracked] = {}
         self._settled: dict[str, float] = {}  # vend id -> when this gateway saw it settle
         self._by_wire: dict[int, str] = {}
@@ -396,7 +404,7 @@ class Dispatcher:
         record = None if dispense is None else _dispense_json(dispense)
 
         async def op(conn: Any) -> VendRow | None:  # noqa: ANN401  (a pool connection)
-            return await vends.apply(
+            row = await vends.apply(
                 conn,
                 t.vend_id,
                 event,
@@ -405,6 +413,9 @@ class Dispatcher:
                 attempts=attempts,
                 actor=actor,
             )
+            if row is not None and dispense is not None and self._result_hook is not None:
+                await self._result_hook(conn, row, dispense, False)  # noqa: FBT003
+            return row
 
         row = await self._writer.submit(op)
         if row is None:
@@ -625,9 +636,13 @@ class Dispatcher:
         received = _dispense_json(dispense)
         if row.dispense == received and not conflict:
             return  # the same result again: stored already
-        await self._writer.submit(
-            lambda conn: vends.record_late_result(conn, row.vend_id, received, conflict=conflict)
-        )
+
+        async def op(conn: Conn) -> None:
+            await vends.record_late_result(conn, row.vend_id, received, conflict=conflict)
+            if self._result_hook is not None:
+                await self._result_hook(conn, row, dispense, True)  # noqa: FBT003
+
+        await self._writer.submit(op)
         if conflict:
             self._metrics.result_conflicts.inc()
             log.error(
