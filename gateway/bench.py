@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import secrets
 import signal
@@ -35,9 +34,16 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from gateway.benchkit import (
+    cpu_seconds,
+    percentile,
+    rss_mb,
+    start_gateway,
+    start_services,
+    stop_process,
+)
 from gateway.checker import VendFact, check
 from gateway.config import mqtt_address
-from gateway.embedded import EmbeddedPostgres, Mosquitto, free_port
 from gateway.lifecycle import NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
@@ -45,7 +51,6 @@ from gateway.store import db, vends
 from gateway.webhooks import WebhookRecorder
 
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"  # noqa: S105  (a throwaway test secret)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_MARK = b"FLEET-READY "
 
 
@@ -66,93 +71,29 @@ class BenchSettings:
     workdir: Path | None = None
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime (man 5 proc)
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-async def _wait_ready(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway at {url} not ready after {timeout_s} s")
-            await asyncio.sleep(0.2)
-
-
-async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915  (one script)
+async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run the whole benchmark and return the JSON result."""
     work = settings.workdir or Path(tempfile.mkdtemp(prefix="vendgate-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    work.chmod(0o755)  # pgserver's own user must reach its data folder when run as root
     secret = secrets.token_bytes(32)
     async with contextlib.AsyncExitStack() as stack:
-        broker_url = settings.broker
-        if broker_url is None:
-            broker = Mosquitto(work / "mosquitto")
-            await broker.start()
-            stack.push_async_callback(broker.stop)
-            broker_url = broker.url
-        dsn = settings.dsn
-        if dsn is None:
-            pg = EmbeddedPostgres(work / "pgdata")
-            dsn = await pg.start()
-            stack.push_async_callback(pg.stop)
+        services = await start_services(stack, work, broker_url=settings.broker, dsn=settings.dsn)
+        broker_url, dsn = services.broker_url, services.dsn
 
         receiver = WebhookRecorder(WEBHOOK_SECRET.encode())
         hook_url = await receiver.serve()
         stack.push_async_callback(receiver.close)
 
-        http_port = free_port()
-        http_url = f"http://127.0.0.1:{http_port}"
-        gateway_log = (work / "gateway.log").open("wb")
-        stack.callback(gateway_log.close)
-        gateway = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            "--set",
-            f"mqtt.url={broker_url}",
-            "--set",
-            f"database.dsn={dsn}",
-            "--set",
-            f"security.master_secret={secret.hex()}",
-            "--set",
-            f"http.port={http_port}",
-            "--set",
-            f"webhook.url={hook_url}",
-            "--set",
-            f"webhook.secret={WEBHOOK_SECRET}",
-            "--set",
-            "webhook.retry_base_s=0.2",
-            "run",
-            stdout=gateway_log,
-            stderr=asyncio.subprocess.STDOUT,
+        gateway = await start_gateway(
+            stack,
+            services,
+            secret,
+            [
+                f"webhook.url={hook_url}",
+                f"webhook.secret={WEBHOOK_SECRET}",
+                "webhook.retry_base_s=0.2",
+            ],
         )
-        stack.push_async_callback(_stop, gateway)
-        await _wait_ready(http_url)
+        http_url = gateway.http_url
 
         # Machines are registered before they connect, as in production: a gateway drops
         # frames from machines it does not know.
@@ -191,7 +132,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             json.dumps(fleet_settings),
             stdout=asyncio.subprocess.PIPE,
         )
-        stack.push_async_callback(_stop, fleet)
+        stack.push_async_callback(stop_process, fleet)
         assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
         connected = await asyncio.wait_for(_fleet_ready(fleet.stdout), timeout=120)
         if connected != machine_ids:
@@ -207,7 +148,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             "slots": settings.slots,
             "deadline_s": settings.deadline_s,
         }
-        cpu_before = _cpu_seconds(gateway.pid)
+        cpu_before = cpu_seconds(gateway.pid)
         started = time.time()
         load = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -224,9 +165,9 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             settled = await vends.wait_settled(conn, settings.settle_timeout_s)
-        cpu_after = _cpu_seconds(gateway.pid)
+        cpu_after = cpu_seconds(gateway.pid)
         elapsed = time.time() - started
-        rss = _rss_mb(gateway.pid)
+        rss = rss_mb(gateway.pid)
         await asyncio.sleep(1.0)  # let the last webhooks and result re-sends land
         rows = await pool.fetch(
             "SELECT vend_id, wire_id, state, "
@@ -242,7 +183,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:  # noqa: PLR0915
             json.dumps({k: float(v) if k == "at" else v for k, v in h.items()}) for h in history
         ]
         (work / "transitions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        await _stop(fleet)
+        await stop_process(fleet)
         turns = read_dispense_log(fleet_log)
 
     return _report(
@@ -266,17 +207,6 @@ async def _fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
             machines: list[str] = json.loads(line[len(READY_MARK) :])
             return machines
     raise RuntimeError("the fleet process exited before it was ready")
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        await asyncio.wait_for(process.wait(), timeout=15)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
 
 
 def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
@@ -322,9 +252,9 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
         "webhook_bad_signatures": receiver.rejected,
         "throughput_vps": round(completed / window, 1) if window > 0 else 0.0,
         "latency_ms": {
-            "p50": round(_percentile(latencies, 0.50), 1),
-            "p95": round(_percentile(latencies, 0.95), 1),
-            "p99": round(_percentile(latencies, 0.99), 1),
+            "p50": round(percentile(latencies, 0.50), 1),
+            "p95": round(percentile(latencies, 0.95), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
             "mean": round(statistics.fmean(latencies), 1) if latencies else 0.0,
         },
         "gateway_cpu_us_per_vend": round(cpu_s * 1e6 / completed, 1) if completed else None,
@@ -415,7 +345,7 @@ async def _load_main(args: dict[str, Any]) -> None:
         "statuses": {str(k): v for k, v in statuses.items()},
         "elapsed_s": round(elapsed, 3),
         "post_rps": round(args["vends"] / elapsed, 1) if elapsed else 0.0,
-        "post_p99_ms": round(_percentile(latencies, 0.99), 1),
+        "post_p99_ms": round(percentile(latencies, 0.99), 1),
     }
     sys.stdout.write(json.dumps(result) + "\n")
 
