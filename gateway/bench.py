@@ -134,7 +134,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         )
         stack.push_async_callback(stop_process, fleet)
         assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
-        connected = await asyncio.wait_for(_fleet_ready(fleet.stdout), timeout=120)
+        connected = await asyncio.wait_for(fleet_ready(fleet.stdout), timeout=120)
         if connected != machine_ids:
             raise RuntimeError("the fleet's machine ids differ from the registered ones")
         await asyncio.sleep(0.5)  # Hello -> Time for every machine
@@ -200,7 +200,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     )
 
 
-async def _fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
+async def fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
     """Read the fleet's stdout until its ready line, which lists the machine ids."""
     while line := await stdout.readline():
         if line.startswith(READY_MARK):
@@ -287,6 +287,8 @@ async def _fleet_main(args: dict[str, Any]) -> None:
         dispense_jitter_ms=0,
         slots=args["slots"],
         dispense_log=Path(args["log"]),
+        connect_concurrency=args.get("connect_concurrency", 50),
+        connect_timeout_s=args.get("connect_timeout_s", 60.0),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -87,7 +87,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 DISCONNECT_TIMEOUT_S: Final = 5.0
 #: Reconnect backoff: uniform(0, base * 2 ** min(attempt, cap)), house style #10.
 BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP: Final = 6
+BACKOFF_CAP: Final = 5  # at most 16 s between attempts (SPEC §7.8)
 #: Extra time given to running motors at shutdown, beyond the longest possible turn.
 MOTOR_DRAIN_MARGIN_S: Final = 1.0
 
