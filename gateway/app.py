@@ -127,7 +127,8 @@ class Gateway:
                 handle,
                 [
                     (topics.shared_filter(Channel.UP, group), QOS[Channel.UP]),
-                    (topics.shared_filter(Channel.STATUS, group), QOS[Channel.STATUS]),
+                    # Not shared: every gateway sees all presence, retained included (SPEC §3.4).
+                    (topics.filter(Channel.STATUS), QOS[Channel.STATUS]),
                 ],
             )
             deliverer = WebhookDeliverer(pool, config.webhook)

@@ -49,9 +49,13 @@ _PUBACK_SUCCESS: Final = 0
 _PERMANENT_CONNACK_CODES: Final = frozenset(
     {0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B, 0x9C, 0x9D}
 )
-# MQTT 5 §3.3.1.3 Retain Handling 1: send retained messages only for a new subscription, so
-# subscribing again on every connection does not replay them.
+# MQTT 5 §3.3.1.3 Retain Handling. Shared filters: 1, send retained messages only for a new
+# subscription (brokers send none to shared subscriptions anyway, §4.8.2). Other filters: 0,
+# send them at every subscribe, so that each connection starts from the retained state (the
+# gateway's status filter: every machine's last presence, SPEC §3.4).
 _RETAIN_IF_NEW: Final = 1
+_RETAIN_ALWAYS: Final = 0
+_SHARED_PREFIX: Final = "$share/"
 _CLOSE_TIMEOUT_S: Final = 2.0
 _MAX_EXPONENT: Final = 30
 
@@ -234,7 +238,13 @@ class _Connection:
         # ("$share/group/...", MQTT 5 §4.8.2) go through gmqtt unchanged.
         mid = self._client.subscribe(
             [
-                gmqtt.Subscription(topic, qos=qos, retain_handling_options=_RETAIN_IF_NEW)
+                gmqtt.Subscription(
+                    topic,
+                    qos=qos,
+                    retain_handling_options=(
+                        _RETAIN_IF_NEW if topic.startswith(_SHARED_PREFIX) else _RETAIN_ALWAYS
+                    ),
+                )
                 for topic, qos in subscriptions
             ]
         )
