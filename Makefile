@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench fuzz vectors clean mosquitto
+.PHONY: demo test lint format bench bench-telemetry fuzz vectors clean mosquitto
 
 # The tests and the demo start private Mosquitto brokers; PostgreSQL comes from a wheel.
 mosquitto:
@@ -49,6 +49,12 @@ bench: $(STAMP) mosquitto
 	$(BIN)/python -m benchmarks.codec --json bench-results/codec.json
 	$(BIN)/vendgate bench --machines 50 --vends 2000 --rate 200 --json bench-results/vends-open-loop.json
 	$(BIN)/vendgate bench --machines 50 --vends 2000 --json bench-results/vends-closed-loop.json
+
+## bench-telemetry: Telemetry frames to durable rows, with the MQTT and COPY limits (< 2 min)
+bench-telemetry: $(STAMP) mosquitto
+	mkdir -p bench-results
+	$(BIN)/vendgate bench --profile telemetry --machines 1000 --messages 60000 \
+		--json bench-results/telemetry.json
 
 ## fuzz: coverage-guided fuzzing of the decoder with atheris (FUZZ_SECONDS, default 60)
 FUZZ_SECONDS ?= 60

@@ -18,24 +18,34 @@ from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Config, mqtt_address
+from gateway.configsync import ConfigSync, PlanogramMetrics
 from gateway.dispatcher import Dispatcher
 from gateway.embedded import EmbeddedPostgres, Mosquitto
 from gateway.errors import ConfigError
 from gateway.http_api import begin_shutdown, bound_port, create_app
+from gateway.http_machines import MachineRoutes
+from gateway.http_planogram import PlanogramApi
 from gateway.keys import KeyRing
 from gateway.lifecycle import Timing
 from gateway.logs import get_logger
 from gateway.metrics import VendMetrics
 from gateway.mqtt import MqttLink, MqttSettings
-from gateway.store import db
+from gateway.sessions import PresenceService, SessionMetrics
+from gateway.store import db, slots
+from gateway.store.db import Conn
+from gateway.store.dispenses import record_dispense
+from gateway.store.partitions import PartitionKeeper
 from gateway.store.vends import VendRow
 from gateway.store.writer import GroupCommitter
+from gateway.telemetry import TelemetryIngest, TelemetryMetrics
 from gateway.uplink import MachineDirectory, Uplink
 from gateway.webhooks import WebhookDeliverer
+from protocols.frames import ConfigAck, Dispense, Hello, StatusReply, Telemetry, UplinkFrame
 from protocols.topics import QOS, Channel, Topics
 
 log = get_logger("gateway.app")
@@ -101,97 +111,153 @@ class Gateway:
                 applied = await db.migrate(conn)
             log.info("database_ready", migrations_applied=applied)
             secret = self._master_secret()
-            keys = KeyRing(secret)
-            topics = Topics(config.mqtt.topic_prefix)
-            writer = GroupCommitter(pool)
-            uplink: Uplink | None = None
-
-            async def handle(topic: str, payload: bytes) -> None:
-                assert uplink is not None  # noqa: S101  (set before the link connects)
-                await uplink.handle(topic, payload)
-
-            client_id, one_off = self._client_id(stack)
-            group = config.mqtt.shared_group
-            self._link = link = MqttLink(
-                MqttSettings(
-                    host=host,
-                    port=port,
-                    client_id=client_id,
-                    username=config.mqtt.username,
-                    password=config.mqtt.password,
-                    keepalive_s=config.mqtt.keepalive_s,
-                    # A one-off id is never resumed: let its session go soon after we stop,
-                    # so it does not keep a share of the uplinks queued for nobody.
-                    session_expiry_s=ONE_OFF_SESSION_S if one_off else 3600,
-                ),
-                handle,
-                [
-                    (topics.shared_filter(Channel.UP, group), QOS[Channel.UP]),
-                    # Not shared: every gateway sees all presence, retained included (SPEC §3.4).
-                    (topics.filter(Channel.STATUS), QOS[Channel.STATUS]),
-                ],
-            )
-            deliverer = WebhookDeliverer(pool, config.webhook)
-            self._dispatcher = dispatcher = Dispatcher(
-                writer=writer,
-                publisher=link,
-                keys=keys,
-                topics=topics,
-                timing=Timing(
-                    retry_base_s=config.vend.retry_base_s,
-                    retry_cap_s=config.vend.retry_cap_s,
-                    clock_skew_s=config.vend.clock_skew_s,
-                ),
-                metrics=self.metrics,
-                on_webhook=deliverer.wake,
-            )
-            directory = MachineDirectory(writer)
-            uplink = Uplink(
-                topics=topics,
-                keys=keys,
-                directory=directory,
-                sink=dispatcher.on_uplink,
-                metrics=self.metrics,
-            )
-            app = create_app(
-                pool=pool,
-                writer=writer,
-                sink=self,
-                readiness=_Ready(self),
-                vend=config.vend,
-                registry=self.registry,
-            )
+            parts = await self._assemble(stack, pool, host, port, secret)
             async with asyncio.TaskGroup() as tasks:
-                self._writer_task = tasks.create_task(writer.run(), name="gateway.store.writer")
-                async with link:
-                    dispatch = tasks.create_task(dispatcher.run(), name="gateway.dispatcher")
-                    hooks = tasks.create_task(deliverer.run(), name="gateway.webhooks")
-                    runner = web.AppRunner(app, access_log=None)
-                    await runner.setup()
-                    site = web.TCPSite(runner, config.http.host, config.http.port)
-                    await site.start()
-                    http_port = bound_port(site)
-                    self.endpoints = Endpoints(
-                        http_url=f"http://{config.http.host}:{http_port}",
-                        mqtt_host=host,
-                        mqtt_port=port,
-                        dsn=dsn,
-                        master_secret=secret,
-                    )
-                    self.ready.set()
-                    log.info("gateway_ready", http=self.endpoints.http_url, broker=f"{host}:{port}")
-                    await stop.wait()
-                    log.info("gateway_stopping")
-                    begin_shutdown(app)  # 1. stop intake
-                    await runner.cleanup()
-                    for task in (dispatch, hooks):  # 2. stop dispatching; state is durable
-                        task.cancel()
-                    await asyncio.gather(dispatch, hooks, return_exceptions=True)
-                    await deliverer.close()
-                    with suppress(TimeoutError):  # 3. flush pending writes
-                        await asyncio.wait_for(writer.drain(), timeout=5.0)
-                self._writer_task.cancel()  # 4. MQTT closed above; then the writer
+                await self._serve(parts, tasks, stop, host, port, dsn, secret)
             log.info("gateway_stopped")
+
+    async def _assemble(
+        self, stack: AsyncExitStack, pool: asyncpg.Pool, host: str, port: int, secret: bytes
+    ) -> _Parts:
+        """Build every component; presence and partitions are read and made before MQTT."""
+        config = self.config
+        keys = KeyRing(secret)
+        topics = Topics(config.mqtt.topic_prefix)
+        writer = GroupCommitter(pool)
+        presence = PresenceService(pool, config.sessions, SessionMetrics(self.registry))
+        await presence.load()
+        telemetry_metrics = TelemetryMetrics(self.registry)
+        keeper = PartitionKeeper(pool, config.telemetry, telemetry_metrics)
+        await keeper.run_once()  # today's partitions exist before any row needs one
+        telemetry = TelemetryIngest(pool, config.telemetry, telemetry_metrics)
+        uplink: Uplink | None = None
+
+        async def handle(topic: str, payload: bytes) -> None:
+            assert uplink is not None  # noqa: S101  (set before the link connects)
+            await uplink.handle(topic, payload)
+
+        client_id, one_off = self._client_id(stack)
+        self._link = link = MqttLink(
+            MqttSettings(
+                host=host,
+                port=port,
+                client_id=client_id,
+                username=config.mqtt.username,
+                password=config.mqtt.password,
+                keepalive_s=config.mqtt.keepalive_s,
+                # A one-off id is never resumed: let its session go soon after we stop,
+                # so it does not keep a share of the uplinks queued for nobody.
+                session_expiry_s=ONE_OFF_SESSION_S if one_off else 3600,
+            ),
+            handle,
+            [
+                (topics.shared_filter(Channel.UP, config.mqtt.shared_group), QOS[Channel.UP]),
+                # Not shared: every gateway sees all presence, retained included (SPEC §3.4).
+                (topics.filter(Channel.STATUS), QOS[Channel.STATUS]),
+            ],
+        )
+        deliverer = WebhookDeliverer(pool, config.webhook)
+        self._dispatcher = dispatcher = Dispatcher(
+            writer=writer,
+            publisher=link,
+            keys=keys,
+            topics=topics,
+            timing=Timing(
+                retry_base_s=config.vend.retry_base_s,
+                retry_cap_s=config.vend.retry_cap_s,
+                clock_skew_s=config.vend.clock_skew_s,
+            ),
+            metrics=self.metrics,
+            on_webhook=deliverer.wake,
+            on_result=_ResultHook(config.planogram.slot_failure_limit, self.metrics).run,
+        )
+        configsync = ConfigSync(
+            send=dispatcher.send,
+            is_online=presence.tracker.is_online,
+            writer=writer,
+            pool=pool,
+            config=config.planogram,
+            metrics=PlanogramMetrics(self.registry),
+        )
+        uplink = Uplink(
+            topics=topics,
+            keys=keys,
+            directory=MachineDirectory(writer),
+            sink=_Router(presence, telemetry, configsync, dispatcher).route,
+            metrics=self.metrics,
+        )
+        app = create_app(
+            pool=pool,
+            writer=writer,
+            sink=self,
+            readiness=_Ready(self),
+            vend=config.vend,
+            registry=self.registry,
+            extensions=[
+                MachineRoutes(pool),
+                PlanogramApi(pool, writer, configsync, config.planogram.slot_failure_limit),
+            ],
+        )
+        return _Parts(
+            writer, presence, keeper, telemetry, link, dispatcher, deliverer, configsync, app
+        )
+
+    async def _serve(  # noqa: PLR0917  (the run's parts, handed over once)
+        self,
+        parts: _Parts,
+        tasks: asyncio.TaskGroup,
+        stop: asyncio.Event,
+        host: str,
+        port: int,
+        dsn: str,
+        secret: bytes,
+    ) -> None:
+        """Start the tasks, serve HTTP until ``stop``, then stop in order (house style #9)."""
+        config = self.config
+        self._writer_task = tasks.create_task(parts.writer.run(), name="gateway.store.writer")
+        ingest = tasks.create_task(parts.telemetry.run(), name="gateway.telemetry")
+        background = [
+            tasks.create_task(parts.presence.run(), name="gateway.sessions"),
+            tasks.create_task(parts.keeper.run(), name="gateway.store.partitions"),
+        ]
+        async with parts.link:
+            working = [
+                tasks.create_task(parts.dispatcher.run(), name="gateway.dispatcher"),
+                tasks.create_task(parts.deliverer.run(), name="gateway.webhooks"),
+                tasks.create_task(parts.configsync.run(), name="gateway.configsync"),
+            ]
+            runner = web.AppRunner(parts.app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, config.http.host, config.http.port)
+            await site.start()
+            self.endpoints = Endpoints(
+                http_url=f"http://{config.http.host}:{bound_port(site)}",
+                mqtt_host=host,
+                mqtt_port=port,
+                dsn=dsn,
+                master_secret=secret,
+            )
+            self.ready.set()
+            log.info("gateway_ready", http=self.endpoints.http_url, broker=f"{host}:{port}")
+            await stop.wait()
+            log.info("gateway_stopping")
+            begin_shutdown(parts.app)  # 1. stop intake
+            await runner.cleanup()
+            for task in working:  # 2. stop dispatching; the state is durable
+                task.cancel()
+            await asyncio.gather(*working, return_exceptions=True)
+            await parts.deliverer.close()
+            with suppress(TimeoutError):  # 3. flush pending writes and telemetry
+                await asyncio.wait_for(
+                    asyncio.gather(parts.writer.drain(), parts.telemetry.drain()), timeout=5.0
+                )
+        # 4. MQTT is closed: whatever was not acknowledged is redelivered to the next gateway.
+        ingest.cancel()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(parts.presence.flush(), timeout=5.0)
+        for task in background:
+            task.cancel()
+        self._writer_task.cancel()
 
     # -- embedded services and secrets ---------------------------------------------------------
 
@@ -266,6 +332,77 @@ class Gateway:
             path.chmod(0o600)
             log.warning("development_master_secret_created", path=str(path))
         return bytes.fromhex(path.read_text(encoding="ascii").strip())
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """The gateway's components, built by ``Gateway._assemble``."""
+
+    writer: GroupCommitter
+    presence: PresenceService
+    keeper: PartitionKeeper
+    telemetry: TelemetryIngest
+    link: MqttLink
+    dispatcher: Dispatcher
+    deliverer: WebhookDeliverer
+    configsync: ConfigSync
+    app: web.Application
+
+
+@dataclass(frozen=True, slots=True)
+class _Router:
+    """Where each verified uplink frame goes: presence sees all, then its one consumer."""
+
+    presence: PresenceService
+    telemetry: TelemetryIngest
+    configsync: ConfigSync
+    dispatcher: Dispatcher
+
+    async def route(self, machine_id: str, frame: UplinkFrame) -> None:
+        self.presence.observe(machine_id, frame)
+        if isinstance(frame, Telemetry):
+            await self.telemetry.submit(machine_id, frame)  # returns once the rows are durable
+            return
+        if isinstance(frame, Hello | StatusReply | ConfigAck):
+            await self.configsync.on_frame(machine_id, frame)
+        await self.dispatcher.on_uplink(machine_id, frame)
+
+
+@dataclass(frozen=True, slots=True)
+class _ResultHook:
+    """Runs in the transaction that stores a machine's result: dispense record, slot health."""
+
+    slot_failure_limit: int
+    metrics: VendMetrics
+
+    async def run(self, conn: Conn, row: VendRow, dispense: Dispense, late: bool) -> None:
+        await record_dispense(
+            conn,
+            vend_id=row.vend_id,
+            machine_id=row.machine_id,
+            slot=row.slot,
+            dispense=dispense,
+            late=late,
+        )
+        if late:
+            return  # the vend's own result was counted when it was settled
+        disabled = await slots.record_dispense(
+            conn,
+            row.machine_id,
+            row.slot,
+            dispense,
+            limit=self.slot_failure_limit,
+            vend_id=row.vend_id,
+        )
+        if disabled:
+            self.metrics.slots_disabled.inc()
+            log.warning(
+                "slot_disabled_after_failures",
+                machine_id=row.machine_id,
+                slot=row.slot,
+                limit=self.slot_failure_limit,
+                vend_id=row.vend_id,
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -439,12 +439,14 @@ def _register_migrate(commands: Subcommands) -> None:
 
 
 def _bench(args: argparse.Namespace, config: Config) -> int:
+    if args.profile == "telemetry":
+        return _bench_telemetry(args, config)
     import asyncio  # noqa: PLC0415
 
     from gateway import bench  # noqa: PLC0415  (only this command needs it)
 
     settings = bench.BenchSettings(
-        machines=args.machines,
+        machines=50 if args.machines is None else args.machines,
         vends=args.vends,
         rate=args.rate,
         concurrency=args.concurrency,
@@ -464,25 +466,142 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
     return 0 if ok else 1
 
 
+def _bench_telemetry(args: argparse.Namespace, config: Config) -> int:
+    import asyncio  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+
+    from gateway import bench_telemetry  # noqa: PLC0415  (only this profile needs it)
+
+    # The gateway runs with this command's telemetry settings, so --set telemetry.* here
+    # tunes the gateway under test, and the copy limit uses the same batch size.
+    gateway_settings = [
+        f"telemetry.{f.name}={getattr(config.telemetry, f.name)}"
+        for f in dataclasses.fields(config.telemetry)
+    ]
+    gateway_settings.append(f"mqtt.topic_prefix={config.mqtt.topic_prefix}")
+    settings = bench_telemetry.TelemetrySettings(
+        machines=1000 if args.machines is None else args.machines,
+        messages=args.messages,
+        readings=args.readings,
+        publishers=args.publishers,
+        window=args.window,
+        rate=args.rate,
+        settle_timeout_s=args.settle_timeout,
+        limits=args.limits,
+        inject_loss=args.inject_loss,
+        republish=args.republish,
+        topic_prefix=config.mqtt.topic_prefix,
+        batch_rows=config.telemetry.batch_rows,
+        gateway_settings=gateway_settings,
+        broker=config.mqtt.url,
+        dsn=config.database.dsn,
+        workdir=args.workdir,
+    )
+    if settings.rate is None and settings.messages > bench_telemetry.BROKER_QUEUE:
+        print(
+            f"{PROG}: warning: more than {bench_telemetry.BROKER_QUEUE} messages at full "
+            "speed can overflow the embedded broker's queue for the gateway; pass --rate",
+            file=sys.stderr,
+        )
+    result = asyncio.run(bench_telemetry.run_telemetry(settings))
+    print(bench_telemetry.summary(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        report = args.json.with_suffix(".md")
+        report.write_text(bench_telemetry.markdown(result), encoding="utf-8")
+        print(f"wrote {args.json} and {report}")
+    ok = bench_telemetry.passed(result)
+    print("exactly-once: PASS" if ok else "exactly-once: FAIL")
+    return 0 if ok else 1
+
+
 def _register_bench(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "bench",
-        help="end-to-end vend benchmark with an exactly-once check",
-        description="Run the gateway, a simulated fleet and a payment load generator as "
-        "separate processes (embedded Mosquitto and PostgreSQL unless mqtt.url / "
-        "database.dsn are set), then check the dispense log against the database and the "
-        "webhooks. Exits 1 on any duplicate, lost vend or conflict.",
+        help="end-to-end benchmarks (vends, telemetry) with an exactly-once check",
+        description="Run the gateway and its load as separate processes (embedded Mosquitto "
+        "and PostgreSQL unless mqtt.url / database.dsn are set). Profile vends: a simulated "
+        "fleet and a payment load generator, then check the dispense log against the "
+        "database and the webhooks; exits 1 on any duplicate, lost vend or conflict. "
+        "Profile telemetry: a generator publishing Telemetry frames for registered machines, "
+        "then check every row is stored once, and measure the MQTT and COPY limits in the "
+        "same run; exits 1 on any lost, duplicated or altered row.",
     )
-    parser.add_argument("--machines", type=int, default=50, metavar="N")
-    parser.add_argument("--vends", type=int, default=500, metavar="V")
-    parser.add_argument("--rate", type=float, default=None, metavar="R", help="open-loop vends/s")
     parser.add_argument(
-        "--concurrency", type=int, default=64, help="closed-loop requests in flight"
+        "--profile", choices=("vends", "telemetry"), default="vends", help="what to run"
     )
-    parser.add_argument("--dispense-ms", type=int, default=0, help="simulated motor time")
-    parser.add_argument("--deadline-s", type=int, default=60, help="deadline of each vend")
+    parser.add_argument(
+        "--machines",
+        type=int,
+        default=None,
+        metavar="N",
+        help="machines (default 50 for vends, 1000 for telemetry)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="open loop: vends/s, or telemetry messages/s (default: closed loop for vends, "
+        "as fast as possible for telemetry)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs and data here")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
+    vends = parser.add_argument_group("vends profile")
+    vends.add_argument("--vends", type=int, default=500, metavar="V")
+    vends.add_argument("--concurrency", type=int, default=64, help="closed-loop requests in flight")
+    vends.add_argument("--dispense-ms", type=int, default=0, help="simulated motor time")
+    vends.add_argument("--deadline-s", type=int, default=60, help="deadline of each vend")
+    telemetry = parser.add_argument_group(
+        "telemetry profile", "(--json PATH also writes a Markdown report to PATH.md)"
+    )
+    telemetry.add_argument(
+        "--messages", type=_int_at_least(1), default=20_000, metavar="N", help="frames to send"
+    )
+    telemetry.add_argument(
+        "--readings", type=_int_at_least(1), default=4, metavar="K", help="readings per frame"
+    )
+    telemetry.add_argument(
+        "--publishers",
+        type=_int_at_least(1),
+        default=4,
+        metavar="P",
+        help="MQTT clients in the load generator",
+    )
+    telemetry.add_argument(
+        "--window",
+        type=_int_at_least(1),
+        default=500,
+        metavar="W",
+        help="unacknowledged publishes per generator client",
+    )
+    telemetry.add_argument(
+        "--settle-timeout",
+        type=_non_negative,
+        default=120.0,
+        metavar="S",
+        help="how long to wait for rows after the last publish",
+    )
+    telemetry.add_argument(
+        "--no-limits",
+        dest="limits",
+        action="store_false",
+        help="skip measuring the MQTT and COPY limits",
+    )
+    telemetry.add_argument(
+        "--republish",
+        type=_int_at_least(0),
+        default=0,
+        metavar="N",
+        help="publish the first N frames twice (they must still be stored once)",
+    )
+    telemetry.add_argument(
+        "--inject-loss",
+        type=_int_at_least(0),
+        default=0,
+        metavar="N",
+        help="testing: count N frames as sent without publishing them (the run must fail)",
+    )
     parser.set_defaults(handler=_bench)
 
 

@@ -379,6 +379,10 @@ class Dispatcher:
         expiry = max(1, int(t.deadline - self._clock()))
         await self._send(t.machine_id, frame, message_expiry_s=expiry)
 
+    async def send(self, machine_id: str, frame: Frame) -> None:
+        """Publish a downlink frame to ``machine_id`` (QoS 1); for other components' frames."""
+        await self._send(machine_id, frame)
+
     async def _send(
         self, machine_id: str, frame: Frame, *, message_expiry_s: int | None = None
     ) -> None:

@@ -61,3 +61,9 @@ class VendMetrics:
             "Results that disagree with a committed outcome (should stay 0).",
             registry=registry,
         )
+        self.slots_disabled = Counter(
+            "vendgate_slots_disabled",
+            "Slots taken out of service after planogram.slot_failure_limit failed dispenses "
+            "in a row.",
+            registry=registry,
+        )

@@ -56,7 +56,15 @@ from protocols.device import (
     StartMotor,
 )
 from protocols.errors import ProtocolError
-from protocols.frames import Config, Direction, FailReason, Frame, Outcome, SlotConfig
+from protocols.frames import (
+    Config,
+    Direction,
+    FailReason,
+    Frame,
+    Outcome,
+    Reading,
+    SlotConfig,
+)
 from protocols.topics import DEFAULT_PREFIX, QOS, RETAIN, Channel, Topics
 
 __all__ = [
@@ -142,6 +150,8 @@ class FleetSettings:
     reboot_ms: int = 3000
     offline: tuple[OfflineWindow, ...] = ()
     tick_ms: int = 1000
+    #: Between two heartbeats of a connected machine (SPEC §7.8 recommends 30 s).
+    heartbeat_ms: int = 30_000
     #: Connection attempts (and clean disconnects) in flight at once, fleet-wide.
     connect_concurrency: int = 50
     #: `Fleet.__aenter__` fails if the whole fleet is not connected within this time.
@@ -295,6 +305,8 @@ class Faults:
 
     drop_up: list[FramePredicate] = field(default_factory=list)
     repeat_down: list[FramePredicate] = field(default_factory=list)
+    #: Machines whose every uplink is lost while their connection stays up (a hung radio).
+    muted: set[str] = field(default_factory=set)
     dropped: list[tuple[str, Frame]] = field(default_factory=list)
     repeated: list[tuple[str, Frame]] = field(default_factory=list)
 
@@ -650,7 +662,9 @@ class _Machine:
             self.fleet.stats["publish_dropped_offline"] += 1
             return
         faults = self.fleet.faults
-        if faults.drop_up and faults.should_drop(self.machine_id, self.key, action.payload):
+        if self.machine_id in faults.muted or (
+            faults.drop_up and faults.should_drop(self.machine_id, self.key, action.payload)
+        ):
             self.fleet.stats["fault_dropped_up"] += 1
             return
         channel = action.channel
@@ -762,7 +776,9 @@ class Fleet:
 
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
-        self.device_settings = DeviceSettings(slots=frozenset(range(1, settings.slots + 1)))
+        self.device_settings = DeviceSettings(
+            slots=frozenset(range(1, settings.slots + 1)), heartbeat_ms=settings.heartbeat_ms
+        )
         self.machine_ids: list[str] = [settings.machine_id(i) for i in range(settings.machines)]
         self.dispenses: list[DispenseRecord] = []
         self.stats: dict[str, int] = dict.fromkeys(
@@ -863,6 +879,19 @@ class Fleet:
         for machine in self._machines.values():
             if machine.device is not None:
                 machine.device.receive(encode(planogram, machine.key), now_ms)
+
+    def report(self, machine_id: str, readings: Iterable[Reading]) -> bool:
+        """Publish ``readings`` (and queued events) from the machine as one ``Telemetry``.
+
+        Returns False, publishing nothing, while the machine is off or disconnected.
+        """
+        machine = self._machines[machine_id]
+        device = machine.device
+        if device is None:
+            return False
+        actions = device.report(readings, int(time.time() * 1000))
+        machine.execute(actions)
+        return bool(actions)
 
     def store(self, machine_id: str) -> MemoryStore:
         """Return the machine's durable store (it survives simulated reboots)."""

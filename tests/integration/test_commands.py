@@ -83,3 +83,75 @@ def test_migrate_applies_the_schema_once(database: str, tmp_path: Path) -> None:
     second = _vendgate(*args, cwd=tmp_path, timeout=60)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "up to date" in second.stdout
+
+
+def test_bench_telemetry_stores_every_row_once_and_measures_its_limits(tmp_path: Path) -> None:
+    """`vendgate bench --profile telemetry` stores every row once, redeliveries included."""
+    out = tmp_path / "telemetry.json"
+    done = _vendgate(
+        "bench",
+        "--profile",
+        "telemetry",
+        "--machines",
+        "20",
+        "--messages",
+        "3000",
+        "--republish",
+        "100",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exactly-once: PASS" in done.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    for key in ("machines", "elapsed_s", "gateway_cpu_s", "gateway_rss_mb", "settings", "workdir"):
+        assert key in result, key
+    for key in ("vends_accepted", "throughput_vps", "gateway_cpu_us_per_vend", "latency_ms"):
+        assert key in result, key  # the vend benchmark's keys stay, zeroed
+    telemetry = result["telemetry"]
+    for key in ("msgs", "rows", "rows_expected", "frames_durable", "mps", "lost", "duplicated"):
+        assert key in telemetry, key
+    assert telemetry["msgs"] == 3000
+    assert telemetry["frames_durable"] == 3000
+    assert telemetry["rows"] == telemetry["rows_expected"] > 4 * 3000
+    assert (telemetry["lost"], telemetry["duplicated"], telemetry["mismatched"]) == (0, 0, 0)
+    assert telemetry["republished"] == 100
+    assert telemetry["mps"] > 0
+    assert telemetry["gateway_cpu_us_per_msg"] > 0
+    assert result["limits"]["mqtt_raw_ingest_mps"] > 0
+    assert result["limits"]["pg_copy_rows_s"] > 0
+    assert set(result["ratios"]) == {"mps_over_mqtt_raw_ingest_mps", "rows_s_over_pg_copy_rows_s"}
+    assert result["target_us_per_msg"] == 30
+    assert isinstance(result["meets_target"], bool)
+    report = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "Limits" in report
+    assert "PASS" in report
+
+
+def test_bench_telemetry_fails_when_rows_are_missing(tmp_path: Path) -> None:
+    """Frames counted as sent but never published make the telemetry bench exit 1."""
+    out = tmp_path / "telemetry.json"
+    done = _vendgate(
+        "bench",
+        "--profile",
+        "telemetry",
+        "--machines",
+        "5",
+        "--messages",
+        "500",
+        "--inject-loss",
+        "7",
+        "--no-limits",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exactly-once: FAIL" in done.stdout
+    telemetry = json.loads(out.read_text(encoding="utf-8"))["telemetry"]
+    assert telemetry["lost"] >= 7 * 4  # at least the readings of the frames never sent
+    assert telemetry["rows"] == telemetry["rows_expected"] - telemetry["lost"]
+    assert telemetry["duplicated"] == 0
