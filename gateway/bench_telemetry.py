@@ -250,7 +250,10 @@ async def run_telemetry(settings: TelemetrySettings) -> dict[str, Any]:
     skipped = plan.skipped(settings.inject_loss)
     async with contextlib.AsyncExitStack() as stack:
         services = await start_services(stack, work, broker_url=settings.broker, dsn=settings.dsn)
-        gateway = await start_gateway(stack, services, secret, settings.gateway_settings)
+        # The gateway keeps its MQTT client id in its state folder, next to database.data_dir
+        # (unused with a DSN): the work directory, not the current one.
+        state = [f"database.data_dir={work / 'gateway-state' / 'pgdata'}"]
+        gateway = await start_gateway(stack, services, secret, state + settings.gateway_settings)
         await register_machines(services.dsn, machine_ids)
         pool = await asyncpg.create_pool(services.dsn, min_size=1, max_size=2)
         stack.push_async_callback(pool.close)
