@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import Counter
+
 from gateway.keys import KeyRing
 from gateway.logs import get_logger
 from gateway.metrics import VendMetrics
@@ -59,6 +61,11 @@ class MachineDirectory:
             self._unknown[machine_id] = self._clock()
         return found
 
+    @property
+    def known(self) -> set[str]:
+        """The ids known to be registered (a fast check before :meth:`is_known`)."""
+        return self._known
+
     def learn(self, machine_id: str) -> None:
         """Record a machine registered through this gateway."""
         self._known.add(machine_id)
@@ -82,6 +89,8 @@ class Uplink:
         self._directory = directory
         self._sink = sink
         self._metrics = metrics
+        # One labelled child per frame type, looked up once: labels() costs more than inc().
+        self._counters: dict[type[UplinkFrame], Counter] = {}
 
     async def handle(self, topic: str, payload: bytes) -> None:
         """Verify one message and pass its frame on; drop and count anything bad."""
@@ -95,7 +104,9 @@ class Uplink:
             return
         if not payload:
             return  # a retained status topic being cleared
-        if not await self._directory.is_known(machine_id):
+        if machine_id not in self._directory.known and not await self._directory.is_known(
+            machine_id
+        ):
             self._drop("unknown_machine", machine_id=machine_id)
             return
         try:
@@ -107,7 +118,11 @@ class Uplink:
         if (channel is Channel.STATUS) != isinstance(frame, Presence):
             self._drop("wrong_channel", machine_id=machine_id, frame=type(frame).__name__)
             return
-        self._metrics.uplink_frames.labels(type(frame).__name__).inc()
+        kind = type(frame)
+        counter = self._counters.get(kind)
+        if counter is None:
+            counter = self._counters[kind] = self._metrics.uplink_frames.labels(kind.__name__)
+        counter.inc()
         await self._sink(machine_id, frame)
 
     def _drop(self, kind: str, **context: str) -> None:
