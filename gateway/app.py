@@ -179,10 +179,11 @@ class Gateway:
             config=config.planogram,
             metrics=PlanogramMetrics(self.registry),
         )
+        directory = MachineDirectory(writer)
         uplink = Uplink(
             topics=topics,
             keys=keys,
-            directory=MachineDirectory(writer),
+            directory=directory,
             sink=_Router(presence, telemetry, configsync, dispatcher).route,
             metrics=self.metrics,
         )
@@ -193,6 +194,7 @@ class Gateway:
             readiness=_Ready(self),
             vend=config.vend,
             registry=self.registry,
+            on_registered=directory.learn,
             extensions=[
                 MachineRoutes(pool),
                 PlanogramApi(pool, writer, configsync, config.planogram.slot_failure_limit),

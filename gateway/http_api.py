@@ -140,6 +140,7 @@ class _Api:
     requests: prometheus_client.Counter
     seconds: prometheus_client.Histogram
     slot_refusals: prometheus_client.Counter
+    on_registered: Callable[[str], None]
     shutting_down: bool = False
 
 
@@ -159,8 +160,13 @@ def create_app(
     clock: Callable[[], float] = time.time,
     max_body_bytes: int = 64 * 1024,
     extensions: Sequence[ApiExtension] = (),
+    on_registered: Callable[[str], None] = lambda _machine_id: None,
 ) -> web.Application:
-    """Build the aiohttp application; the caller runs it (``web.AppRunner``)."""
+    """Build the aiohttp application; the caller runs it (``web.AppRunner``).
+
+    ``on_registered`` is told every machine id registered (or registered again) through
+    ``POST /v1/machines``, after the commit: the uplink's cache of known machines.
+    """
     api = _Api(
         pool=pool,
         writer=writer,
@@ -168,6 +174,7 @@ def create_app(
         readiness=readiness,
         vend=vend,
         clock=clock,
+        on_registered=on_registered,
         requests=prometheus_client.Counter(
             "vendgate_http_requests",
             "HTTP requests answered, by route pattern, method and status.",
@@ -445,6 +452,7 @@ async def _register_machine(request: web.Request) -> web.Response:
     body = await _json_object(request, _MACHINE_FIELDS)
     machine_id = _machine_id(body)
     created = await api.writer.submit(lambda conn: machines.register(conn, machine_id))
+    api.on_registered(machine_id)
     if created:
         log.info("machine_registered", machine_id=machine_id)
     return web.json_response({"machine_id": machine_id}, status=201 if created else 200)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -21,6 +22,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.embedded import EmbeddedPostgres, Mosquitto
+from gateway.store import db
+from tests.pgfaults import signal_server
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
@@ -44,6 +47,17 @@ async def mosquitto(tmp_path: Path) -> AsyncIterator[Mosquitto]:
         await broker.stop()
 
 
+def _server_root(prefix: str) -> Path:
+    """Make a folder for a PostgreSQL data directory, outside pytest's base temp folder.
+
+    Run as root, pgserver opens the folders above the data directory to its own user, and a
+    concurrent pytest run resets /tmp/pytest-of-<user> to 0700, which would cut the server off.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    return root
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[EmbeddedPostgres]:
     """Run one PostgreSQL for the whole session; tests get their own database from `database`."""
@@ -52,8 +66,7 @@ def pg_server() -> Iterator[EmbeddedPostgres]:
     # Its data lives outside pytest's base temp folder: run as root, pgserver opens the
     # folders above the data directory to its own user, and a concurrent pytest run resets
     # /tmp/pytest-of-<user> to 0700, which would cut the server off mid-session.
-    root = Path(tempfile.mkdtemp(prefix="vendgate-test-pg-"))
-    root.chmod(0o755)
+    root = _server_root("vendgate-test-pg-")
     server = EmbeddedPostgres(root / "data")
     _run(server.start())
     try:
@@ -82,3 +95,22 @@ async def database(
         except (OSError, asyncpg.PostgresError):
             # Logged, not warned: warnings are errors in this suite.
             _log.warning("could not drop test database %s", name, exc_info=True)
+
+
+@pytest_asyncio.fixture
+async def private_pg() -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
+    """Run a migrated PostgreSQL of this test's own, which it may pause, stop and restart."""
+    root = _server_root("vendgate-test-private-pg-")
+    server = EmbeddedPostgres(root / "data")
+    dsn = await server.start()
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        yield server, dsn
+    finally:
+        signal_server(server.data_dir, signal.SIGCONT)
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -26,6 +21,7 @@ from gateway.store.dispenses import record_dispense
 from gateway.store.telemetry import InvalidFrameError, encode_frame
 from gateway.telemetry import BulkHistogram, TelemetryIngest, TelemetryMetrics
 from protocols.frames import Dispense, Event, FailReason, Outcome, Reading, ReadingKind, Telemetry
+from tests.pgfaults import paused
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -560,69 +556,6 @@ async def test_record_dispense_makes_the_partition_if_maintenance_fell_behind(
 
 
 # --- database outages ----------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def private_pg() -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
-    """Run a PostgreSQL of this test's own, which it may pause, stop and restart."""
-    root = _private_root()
-    server = EmbeddedPostgres(root / "data")
-    dsn = await server.start()
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-        yield server, dsn
-    finally:
-        _signal_server(server.data_dir, signal.SIGCONT)
-        await server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _private_root() -> Path:
-    # Outside pytest's temp folder, as in tests/conftest.py: pgserver (run as root) needs the
-    # folders above its data directory to stay open to its own user.
-    root = Path(tempfile.mkdtemp(prefix="vendgate-test-telemetry-pg-"))
-    root.chmod(0o755)
-    return root
-
-
-def _server_pids(data_dir: Path) -> list[int]:
-    try:
-        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return []
-    children: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                # /proc/<pid>/stat: pid (comm) state ppid ...; comm may hold spaces.
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-                if int(fields[1]) == postmaster:
-                    children.append(int(entry.name))
-    return [postmaster, *children]
-
-
-def _signal_server(data_dir: Path, signum: signal.Signals) -> None:
-    for pid in _server_pids(data_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-@contextlib.contextmanager
-def paused(server: EmbeddedPostgres) -> Iterator[None]:
-    pids = _server_pids(server.data_dir)
-    assert len(pids) > 1
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 async def test_a_paused_database_holds_callers_and_loses_nothing(

@@ -352,6 +352,12 @@ class Api:
             data = await response.json()
             return response.status, data
 
+    async def metrics(self) -> str:
+        """GET /metrics as text."""
+        async with self._session.get(self.base_url + "/metrics") as response:
+            assert response.status == 200
+            return await response.text()
+
     async def register(self, machine_id: str) -> None:
         """Register a machine (201, or 200 if it was already)."""
         status, body = await self.request("POST", "/v1/machines", {"machine_id": machine_id})

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
-import structlog
 
 from gateway.embedded import Mosquitto
-from gateway.logs import configure_logging
 from gateway.simulator import POWER_LOSS, Fleet, duplicate_dispenses, read_dispense_log
 from protocols.frames import (
     AckCode,
@@ -53,29 +49,6 @@ from tests.integration.harness import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
-
-
-@pytest.fixture
-def diagnostics(tmp_path: Path) -> Iterator[Diagnostics]:
-    """Send the in-process gateway's logs to a file; on teardown print the tails of all logs."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("w", encoding="utf-8") as stream:
-        configure_logging("info", "json", stream)
-        diag = Diagnostics(logs=[log_path])
-        try:
-            yield diag
-        finally:
-            structlog.reset_defaults()
-            structlog.contextvars.clear_contextvars()
-            for handler in list(root.handlers):
-                if handler not in handlers:
-                    root.removeHandler(handler)
-                    handler.close()
-            root.setLevel(level)
-            # Captured, so pytest shows it only for a failing test.
-            sys.stderr.write(diag.report(lines=80) + "\n")
 
 
 async def _machine_offline(fleet: Fleet, machine_id: str, diag: Diagnostics) -> None:
