@@ -4,7 +4,7 @@
   signature with `gateway.webhooks.verify` and records events by event id.
 - `Sniffer`: the test's own MQTT client. It watches every machine's ``up`` and ``down``
   topics without taking part in the gateways' shared subscription, and publishes on ``down``
-  (the planogram, which no gateway component pushes yet, and replayed frames).
+  (replayed frames).
 - `Api`: the payment backend's side of the HTTP API.
 - `running_gateway` (in this process) and `GatewayProcess` (``vendgate run`` in a child
   process, for SIGKILL), and `pipeline`, which starts everything in order for one test.
@@ -44,6 +44,7 @@ from gateway.simulator import Fleet, FleetSettings
 from gateway.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, verify
 from protocols.codec import FrameKey, decode, encode
 from protocols.errors import ProtocolError
+from protocols.frames import Config as ConfigFrame
 from protocols.frames import Direction, Frame
 from protocols.topics import Channel, Topics
 
@@ -658,21 +659,46 @@ def fleet_settings(broker: Mosquitto, log_path: Path, **changes: Any) -> FleetSe
     return FleetSettings(**fields)
 
 
-async def provision(fleet: Fleet, sniffer: Sniffer, diagnostics: Diagnostics) -> None:
-    """Send every machine the reference planogram and wait until it is applied and synced.
+def planogram_body(config: ConfigFrame, currency: str = "CNY") -> dict[str, Any]:
+    """Return the ``PUT /v1/machines/{id}/planogram`` body of a ``Config``'s slots."""
+    return {
+        "currency": currency,
+        "updated_by": "integration-test",
+        "slots": [
+            {
+                "slot": s.slot,
+                "product_code": s.product_code,
+                "name": s.name,
+                "price": s.price,
+                "capacity": s.capacity,
+                "drop_sensor": s.drop_sensor,
+            }
+            for s in config.slots
+        ],
+    }
 
-    No gateway component pushes a planogram yet, so the test does, as an operator's
-    provisioning tool would. Clock sync comes from the gateway's answer to Hello.
+
+async def provision(fleet: Fleet, api: Api, diagnostics: Diagnostics) -> None:
+    """Set every machine's planogram through the API and wait until the gateway pushed it.
+
+    The machines are configured and clock-synced (from the gateway's answer to Hello) before
+    the test begins, as a merchant's set-up would leave them.
     """
     config = fleet.settings.planogram()
+    versions: dict[str, int] = {}
     for machine_id in fleet.machine_ids:
-        sniffer.send(machine_id, config)
+        status, body = await api.request(
+            "PUT", f"/v1/machines/{machine_id}/planogram", planogram_body(config)
+        )
+        assert status in (200, 201), body
+        versions[machine_id] = body["desired_version"]
 
     def ready() -> bool:
-        devices = [fleet.device(m) for m in fleet.machine_ids]
-        return all(
-            d is not None and d.config_version == config.version and d.clock_synced for d in devices
-        )
+        for machine_id, version in versions.items():
+            device = fleet.device(machine_id)
+            if device is None or device.config_version != version or not device.clock_synced:
+                return False
+        return True
 
     await diagnostics.eventually(ready, "every machine configured and clock-synced")
 
@@ -749,7 +775,7 @@ async def pipeline(
                     await api.register(machine_id)
                 await sniffer.start()
                 async with Fleet(settings) as machines:
-                    await provision(machines, sniffer, diagnostics)
+                    await provision(machines, api, diagnostics)
                     yield Pipeline(api, machines, sniffer, hooks, gw, dsn, diagnostics)
             finally:
                 await sniffer.stop()

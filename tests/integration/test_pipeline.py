@@ -103,7 +103,7 @@ async def test_repeated_request_returns_the_same_vend(
             "vend_id": "pay-42",
             "machine_id": machine,
             "slot": 2,
-            "price": 250,
+            "price": 200,
             "currency": "CNY",
             "deadline": deadline,
         }
@@ -442,13 +442,14 @@ async def test_gateway_killed_mid_flight_recovers_every_vend_exactly_once(
         for machine in [settings.machine_id(i) for i in range(settings.machines)]:
             await rig.api.register(machine)
         async with Fleet(settings) as fleet:
-            await provision(fleet, rig.sniffer, diagnostics)
+            await provision(fleet, rig.api, diagnostics)
             # One machine off the network keeps its first vend "sent" and the rest "accepted".
             fleet.cut_off(fleet.machine_ids[-1], 3.0)
             vend_ids = [f"kill-{i:02d}" for i in range(30)]
             for i, vend_id in enumerate(vend_ids):
                 machine = fleet.machine_ids[i % len(fleet.machine_ids)]
-                await rig.api.create(vend_id, machine, slot=1 + i % 4, deadline_s=40)
+                slot = 1 + i % 4
+                await rig.api.create(vend_id, machine, slot=slot, price=100 * slot, deadline_s=40)
 
             async def every_state() -> bool:
                 rows = await rig.db.fetch("SELECT DISTINCT state FROM vends")
