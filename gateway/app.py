@@ -222,6 +222,7 @@ class Gateway:
             tasks.create_task(parts.presence.run(), name="gateway.sessions"),
             tasks.create_task(parts.keeper.run(), name="gateway.store.partitions"),
         ]
+        await parts.configsync.load()  # before the first Hello asks what the machine runs
         async with parts.link:
             working = [
                 tasks.create_task(parts.dispatcher.run(), name="gateway.dispatcher"),

@@ -148,7 +148,7 @@ def _status(text: str | None) -> ConfigStatus | None:
 
 
 class PlanogramMetrics:
-    """Metrics of planogram sync and slot health, on a registry passed down."""
+    """Metrics of planogram sync, on a registry passed down (slot health: VendMetrics)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.out_of_sync = Gauge(
@@ -181,11 +181,6 @@ class PlanogramMetrics:
         self.report_writes = Counter(
             "vendgate_config_report_writes",
             "Writes of a machine's reported configuration version or ConfigAck status.",
-            registry=registry,
-        )
-        self.slots_auto_disabled = Counter(
-            "vendgate_slots_auto_disabled",
-            "Slots taken out of service after repeated failed dispenses.",
             registry=registry,
         )
 
@@ -222,13 +217,19 @@ class ConfigSync:
         self._cache: dict[str, SyncState] = {}
         self._behind: set[str] = set()
         self._dropped = 0
+        self._working = 0
         self.loaded = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Load the machines' sync state, then push and re-push until cancelled."""
-        await self._load_retrying()
+        """Load the machines' sync state (unless :meth:`load` ran), then push until cancelled.
+
+        Until the state is loaded, each machine's first frame costs a read: load before the
+        MQTT link connects to spare a reconnecting fleet those reads.
+        """
+        if not self.loaded:
+            await self._load_retrying()
         async with asyncio.TaskGroup() as tasks:
             for n in range(self._concurrency):
                 tasks.create_task(self._worker(), name=f"gateway.configsync.push.{n}")
@@ -258,9 +259,9 @@ class ConfigSync:
                 return
 
     @property
-    def queued(self) -> int:
-        """Machines waiting for a push."""
-        return len(self._pending)
+    def busy(self) -> int:
+        """Machines waiting for a push or being pushed now."""
+        return len(self._pending) + self._working
 
     def state(self, machine_id: str) -> SyncState | None:
         """Return what this gateway knows of a machine's configuration (for tests and views)."""
@@ -370,6 +371,7 @@ class ConfigSync:
         while True:
             machine_id = await self._queue.get()
             trigger = self._pending.pop(machine_id, Trigger.RESEND)
+            self._working += 1
             try:
                 with structlog.contextvars.bound_contextvars(machine_id=machine_id):
                     await self.push(machine_id, trigger)
@@ -384,7 +386,13 @@ class ConfigSync:
             except Exception:  # a bug: log it loudly, keep the other machines going
                 log.exception("config_push_crashed", machine_id=machine_id)
             finally:
+                self._working -= 1
                 self._queue.task_done()
+            # Python 3.11's wait_for (in GroupCommitter.submit) drops a cancellation that
+            # races its inner await (gh-86296); one that was swallowed must still stop us.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def push(self, machine_id: str, trigger: Trigger) -> bool:
         """Send the desired ``Config`` now if it is still due; return whether it was sent.
@@ -398,7 +406,7 @@ class ConfigSync:
             return False
         state = self._cache.get(machine_id)
         if state is None:
-            state = self._cache[machine_id] = SyncState()
+            state = await self._fetch(machine_id)
         self._set_desired(machine_id, state, config.version)
         now = self._clock()
         if not push_due(state, trigger, now, self._resend_s):
@@ -442,9 +450,10 @@ class ConfigSync:
             state = self._cache[row.machine_id] = SyncState.from_row(row)
         elif row.desired is not None:
             self._set_desired(row.machine_id, state, row.desired)
-            sent = None if row.sent_at is None else row.sent_at.timestamp()
-            if sent is not None and (state.sent_at is None or sent > state.sent_at):
-                state.sent_at, state.sent_version = sent, row.desired
+            # Compared as stored (microseconds): our own send, read back, is not newer.
+            mine = None if state.sent_at is None else datetime.fromtimestamp(state.sent_at, UTC)
+            if row.sent_at is not None and (mine is None or row.sent_at > mine):
+                state.sent_at, state.sent_version = row.sent_at.timestamp(), row.desired
         self._track(row.machine_id, state)
 
     def _set_desired(self, machine_id: str, state: SyncState, version: int) -> None:

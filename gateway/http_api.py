@@ -229,7 +229,7 @@ def bound_port(site: web.TCPSite) -> int:
 
 
 def begin_shutdown(app: web.Application) -> None:
-    """Stop intake: from now on POST routes answer 503 and ``/readyz`` fails (house style #9)."""
+    """Stop intake: writes (POST, PUT) now answer 503 and ``/readyz`` fails (house style #9)."""
     app[_API].shutting_down = True
     log.info("http_intake_stopped")
 
@@ -283,7 +283,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def _shutdown_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "POST" and request.app[_API].shutting_down:
+    if request.method not in ("GET", "HEAD") and request.app[_API].shutting_down:
         raise ShuttingDownError
     return await handler(request)
 

@@ -209,7 +209,9 @@ async def _put_planogram(request: web.Request) -> web.Response:
     api = request.app[_KEY]
     machine_id = _path_machine_id(request)
     with structlog.contextvars.bound_contextvars(machine_id=machine_id):
-        header = request.headers.get("If-Match")
+        # Several If-Match fields make one list (RFC 9110 §5.3).
+        fields = request.headers.getall("If-Match", [])
+        header = ", ".join(fields) if fields else None
         if_match = parse_if_match(header)
         body = await json_object(request, _PUT_FIELDS)
         currency, wanted, updated_by = parse_planogram(body)

@@ -96,10 +96,17 @@ class GroupCommitter:
     async def submit(self, op: Op[T]) -> T:
         """Queue ``op`` and return its result once its transaction has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        item = _Item(op, future)
         try:
-            await asyncio.wait_for(self._queue.put(_Item(op, future)), self._submit_timeout_s)
-        except TimeoutError:
-            raise OverloadedError("database write queue", self._queue.maxsize) from None
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the put completes (gh-86296), and the caller would never stop.
+            try:
+                async with asyncio.timeout(self._submit_timeout_s):
+                    await self._queue.put(item)
+            except TimeoutError:
+                raise OverloadedError("database write queue", self._queue.maxsize) from None
         return await future
 
     async def run(self) -> None:

@@ -1,5 +1,6 @@
-"""A gateway slice for planogram tests: real PostgreSQL, the HTTP API with the planogram
-extension, a running ConfigSync, and a fake MQTT link that records every downlink frame.
+"""A gateway slice for planogram tests, with a fake MQTT link that records every downlink.
+
+Real PostgreSQL, the HTTP API with the planogram extension, and a running ConfigSync.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class FakeLink:
         return machine_id in self.online
 
     def configs(self, machine_id: str = MACHINE) -> list[Config]:
-        """The Config frames sent to one machine, in order."""
+        """Return the Config frames sent to one machine, in order."""
         return [f for m, f in self.sent if m == machine_id and isinstance(f, Config)]
 
 
@@ -91,7 +92,7 @@ class CountingPool:
         self.pool = pool
         self.acquired = 0
 
-    def acquire(self) -> Any:  # noqa: ANN401  (asyncpg's pool acquire context)
+    def acquire(self) -> Any:
         """Borrow a connection, counting it."""
         self.acquired += 1
         return self.pool.acquire()
@@ -149,18 +150,18 @@ class Env:
         return status, data
 
     def seq(self) -> int:
-        """A fresh uplink sequence number."""
+        """Return a fresh uplink sequence number."""
         self._frames += 1
         return self._frames
 
-    def hello(self, version: int, machine_id: str = MACHINE, boot: int = 1) -> Hello:
-        """A Hello reporting ``version``."""
+    def hello(self, version: int, boot: int = 1) -> Hello:
+        """Return a Hello reporting ``version``."""
         return Hello(
             boot=boot, seq=self.seq(), firmware="test/1", config_version=version, clock_ms=0
         )
 
     def status_reply(self, version: int) -> StatusReply:
-        """A machine-status StatusReply reporting ``version``."""
+        """Return a machine-status StatusReply reporting ``version``."""
         return StatusReply(
             boot=1,
             seq=self.seq(),
@@ -174,7 +175,7 @@ class Env:
         )
 
     def ack(self, version: int, status: ConfigStatus, current: int) -> ConfigAck:
-        """A ConfigAck."""
+        """Return a ConfigAck."""
         return ConfigAck(
             boot=1, seq=self.seq(), version=version, status=status, current_version=current
         )
@@ -196,10 +197,9 @@ class Env:
 
     async def settle(self) -> None:
         """Let queued pushes finish."""
-        await self.until(lambda: self.sync.queued == 0 and self.link.in_flight == 0, "pushes")
-        await asyncio.sleep(0.02)
+        await self.until(lambda: self.sync.busy == 0, "pushes to finish")
 
-    async def fetchval(self, sql: str, *args: object) -> Any:  # noqa: ANN401  (any column)
+    async def fetchval(self, sql: str, *args: object) -> Any:
         """Run one query on a fresh connection."""
         async with self.pool.acquire() as conn:
             return await conn.fetchval(sql, *args)
@@ -267,16 +267,16 @@ async def serve(
         yield env
     finally:
         await client.close()
-        for task in tasks:
+        # In the gateway's shutdown order: stop the work, then the writer, then the pool.
+        for task in reversed(tasks):
             task.cancel()
-        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await pool.close()
 
 
 def slot_body(slot: int, **changes: object) -> dict[str, object]:
-    """One slot of a planogram body."""
+    """Return one slot of a planogram body."""
     body: dict[str, object] = {
         "slot": slot,
         "product_code": f"P-{slot:03d}",
@@ -290,7 +290,7 @@ def slot_body(slot: int, **changes: object) -> dict[str, object]:
 
 
 def planogram_body(*slots: int, **changes: object) -> dict[str, object]:
-    """A planogram body listing ``slots`` (1, 2, 3 by default)."""
+    """Return a planogram body listing ``slots`` (1, 2, 3 by default)."""
     body: dict[str, object] = {
         "currency": "CNY",
         "slots": [slot_body(n) for n in slots or (1, 2, 3)],

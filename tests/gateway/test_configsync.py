@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import cast
 
+import prometheus_client
 import pytest
 import pytest_asyncio
 import structlog
 
+from gateway.config import PlanogramConfig
+from gateway.configsync import ConfigSync, PlanogramMetrics
 from gateway.store import planograms
 from gateway.store.db import Conn
+from gateway.store.writer import GroupCommitter
 from protocols.frames import ConfigStatus, SlotConfig
 from tests.gateway.planogram_harness import (
     CONCURRENCY,
     MACHINE,
     RESEND_S,
+    TIMEOUT_S,
     Env,
+    FakeLink,
     planogram_body,
     serve,
 )
@@ -73,9 +81,10 @@ async def test_new_version_is_pushed_to_online_machines_and_on_hello(env: Env) -
     assert (await _row(env, "VM-2")).sent_at is None
 
     env.link.online.add("VM-2")
-    await env.sync.on_frame("VM-2", env.hello(0, machine_id="VM-2"))
+    await env.sync.on_frame("VM-2", env.hello(0))
     await env.until(lambda: len(env.link.configs("VM-2")) == 1, "the push on Hello")
-    assert env.link.configs("VM-2")[0].slots == (SlotConfig(1, "P-001", "Product 1", 301, 8, True),)
+    expected = SlotConfig(1, "P-001", "Product 1", 301, 8, drop_sensor=True)
+    assert env.link.configs("VM-2")[0].slots == (expected,)
     assert env.metric("vendgate_config_pushes_total", {"trigger": "hello"}) == 1
     assert env.metric("vendgate_config_pushes_total", {"trigger": "new_version"}) == 1
 
@@ -198,7 +207,9 @@ async def test_resend_schedule_follows_the_clock(env: Env) -> None:
 async def test_version_set_elsewhere_is_pushed_by_the_resend_pass(env: Env) -> None:
     """A version committed by another gateway (no desired_changed here) is found and sent."""
     async with env.pool.acquire() as conn, conn.transaction():
-        await planograms.put(conn, MACHINE, "CNY", [SlotConfig(4, "P", "N", 1, 1, True)], created_by="x")
+        await planograms.put(
+            conn, MACHINE, "CNY", [SlotConfig(4, "P", "N", 1, 1, drop_sensor=True)], created_by="x"
+        )
     assert await env.sync.resend_due() == 1
     await env.until(lambda: len(env.link.configs()) == 1, "the push")
     assert env.link.configs()[0].version == 1
@@ -241,7 +252,7 @@ async def test_a_full_queue_drops_pushes_and_the_resend_pass_recovers(database: 
         env.link.delay_s = 0.05
         # Nothing in on_frame waits here (no write: the reports match), so the workers take
         # nothing before the last Hello: one machine is queued, the others dropped.
-        await asyncio.gather(*(env.sync.on_frame(m, env.hello(0, machine_id=m)) for m in fleet))
+        await asyncio.gather(*(env.sync.on_frame(m, env.hello(0)) for m in fleet))
         assert env.metric("vendgate_config_push_dropped_total") == len(fleet) - 1
         await env.settle()
         assert len(env.link.sent) == 1
@@ -289,7 +300,7 @@ async def test_reconnect_storm_with_current_versions_costs_no_write(database: st
         env.link.online.update(_fleet_ids())
         xmin = await env.fetchval("SELECT array_agg(xmin::text ORDER BY machine_id) FROM machines")
         reads, ops = env.reads.acquired, env.writer.stats.ops
-        await asyncio.gather(*(env.sync.on_frame(m, env.hello(1, machine_id=m)) for m in _fleet_ids()))
+        await asyncio.gather(*(env.sync.on_frame(m, env.hello(1)) for m in _fleet_ids()))
         await env.settle()
         assert env.writer.stats.ops == ops
         assert env.reads.acquired == reads
@@ -321,7 +332,7 @@ async def test_reconnect_storm_with_older_versions_is_bounded(database: str) -> 
                 await asyncio.sleep(0.01)
 
         watcher = asyncio.create_task(watch())
-        await asyncio.gather(*(env.sync.on_frame(m, env.hello(1, machine_id=m)) for m in _fleet_ids()))
+        await asyncio.gather(*(env.sync.on_frame(m, env.hello(1)) for m in _fleet_ids()))
         assert len(asyncio.all_tasks()) <= baseline + 1  # no task per Hello
         await env.until(lambda: len(env.link.sent) == FLEET, "every push", timeout_s=120)
         watcher.cancel()
@@ -340,7 +351,44 @@ async def test_machine_registered_after_start_is_read_once(env: Env) -> None:
     async with env.pool.acquire() as conn:
         await conn.execute("INSERT INTO machines (machine_id) VALUES ('VM-new')")
     reads = env.reads.acquired
-    await env.sync.on_frame("VM-new", env.hello(0, machine_id="VM-new"))
-    await env.sync.on_frame("VM-new", env.hello(0, machine_id="VM-new"))
+    await env.sync.on_frame("VM-new", env.hello(0))
+    await env.sync.on_frame("VM-new", env.hello(0))
     assert env.reads.acquired == reads + 1
     assert (await _row(env, "VM-new")).reported == 0
+
+
+class SwallowingWriter:
+    """A writer whose submit eats one cancellation, as Python 3.11's wait_for may."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def submit(self, op: object) -> None:  # noqa: ARG002  (never run)
+        """Wait until cancelled, then return as if the write had finished."""
+        self.entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+
+
+async def test_a_swallowed_cancellation_still_stops_the_workers(env: Env) -> None:
+    """If the writer loses a cancellation (gh-86296), the push workers stop all the same."""
+    await _set(env, 1)
+    writer = SwallowingWriter()
+    link = FakeLink(online={MACHINE})
+    sync = ConfigSync(
+        send=link.send,
+        is_online=link.is_online,
+        writer=cast("GroupCommitter", writer),
+        pool=env.pool,
+        config=PlanogramConfig(resend_s=RESEND_S),
+        metrics=PlanogramMetrics(prometheus_client.CollectorRegistry()),
+        tick_s=3600,
+    )
+    task = asyncio.create_task(sync.run())
+    await env.until(lambda: sync.loaded, "the load")
+    sync.desired_changed(MACHINE, 1)
+    await asyncio.wait_for(writer.entered.wait(), TIMEOUT_S)  # sent; recording sent_at
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, TIMEOUT_S)
+    assert len(link.configs()) == 1

@@ -164,10 +164,11 @@ async def test_databases_are_isolated(pg_server: EmbeddedPostgres) -> None:
             await pg_server.drop_database(name)
 
 
-async def test_postgres_stop_and_start_keep_data(tmp_path: Path) -> None:
+async def test_postgres_stop_and_start_keep_data(
+    private_pg: tuple[EmbeddedPostgres, str],
+) -> None:
     """stop() really stops the server, and start() on the same data_dir brings its data back."""
-    server = EmbeddedPostgres(tmp_path / "pgdata")
-    dsn = await server.start()
+    server, dsn = private_pg
     try:
         connection = await asyncpg.connect(dsn)
         await connection.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")

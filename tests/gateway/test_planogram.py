@@ -68,7 +68,11 @@ INVALID: list[tuple[str, dict[str, object], str]] = [
     ("slot listed twice", _with_slot(1, slot=1), "slots[1].slot"),
     ("product code of 33 bytes", _with_slot(0, product_code="x" * 33), "slots[0].product_code"),
     # 12 characters, 36 bytes: the limit is in bytes (SPEC §8), not characters.
-    ("product code of 36 UTF-8 bytes", _with_slot(0, product_code="饮料" * 6), "slots[0].product_code"),
+    (
+        "product code of 36 UTF-8 bytes",
+        _with_slot(0, product_code="饮料" * 6),
+        "slots[0].product_code",
+    ),
     ("name of 65 bytes", _with_slot(1, name="n" * 65), "slots[1].name"),
     ("name with a newline", _with_slot(1, name="Cola\nZero"), "slots[1].name"),
     ("name with a C1 control", _with_slot(1, name="Cola\x85"), "slots[1].name"),
@@ -87,7 +91,9 @@ INVALID: list[tuple[str, dict[str, object], str]] = [
 
 
 @pytest.mark.parametrize(("body", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
-async def test_put_validation_names_the_field(env: Env, body: dict[str, object], field: str) -> None:
+async def test_put_validation_names_the_field(
+    env: Env, body: dict[str, object], field: str
+) -> None:
     """A planogram the wire cannot carry is refused 422, naming the field, and nothing is stored."""
     status, answer = await env.put(body)
     assert status == 422, answer
@@ -162,8 +168,7 @@ async def test_identical_put_is_a_noop(env: Env) -> None:
     assert len(env.link.configs()) == pushes
     assert await env.fetchval("SELECT count(*) FROM planograms") == 1
     assert (
-        await env.fetchval("SELECT xmin::text FROM machines WHERE machine_id = $1", MACHINE)
-        == xmin
+        await env.fetchval("SELECT xmin::text FROM machines WHERE machine_id = $1", MACHINE) == xmin
     )
 
 
@@ -313,7 +318,7 @@ async def test_openapi_lists_exactly_the_routes_with_the_extension(env: Env) -> 
     json.dumps(document)  # the document is plain JSON
 
 
-def _refs(node: Any) -> list[str]:  # noqa: ANN401  (walks any JSON value)
+def _refs(node: Any) -> list[str]:
     if isinstance(node, dict):
         found = [node["$ref"]] if "$ref" in node else []
         return found + [ref for value in node.values() for ref in _refs(value)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -238,10 +237,11 @@ async def test_group_commit_shares_transactions_and_isolates_a_bad_op(
             await task
 
 
-async def test_group_commit_survives_a_database_restart(tmp_path: Path) -> None:
+async def test_group_commit_survives_a_database_restart(
+    private_pg: tuple[EmbeddedPostgres, str],
+) -> None:
     """With the server down callers get a retriable error, not a hang; after a restart, it works."""
-    server = EmbeddedPostgres(tmp_path / "pg")
-    dsn = await server.start()
+    server, dsn = private_pg
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
     writer = GroupCommitter(pool)
     task = asyncio.create_task(writer.run(), name="test.writer")
@@ -258,4 +258,3 @@ async def test_group_commit_survives_a_database_restart(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         pool.terminate()
-        await server.stop()
