@@ -68,7 +68,7 @@ from gateway.config import SessionsConfig
 from gateway.logs import get_logger
 from gateway.store import sessions as store
 from gateway.store.writer import unavailable
-from protocols.frames import Heartbeat, Hello, Presence, UplinkFrame
+from protocols.frames import FRAME_TYPES, Heartbeat, Hello, Presence, UplinkFrame
 
 __all__ = [
     "TRANSITIONS",
@@ -258,7 +258,23 @@ PresenceKey = tuple[int, int, int]  # (boot, session, 0 online / 1 offline)
 
 @dataclass(slots=True)
 class _Track:
-    view: MachinePresence
+    """One machine: its place in the state machine, and what its view says, field by field.
+
+    The fields of :class:`MachinePresence` are plain attributes, written in place: building a
+    frozen view per frame (``dataclasses.replace``) cost more than the rest of ``observe``.
+    Readers get the immutable snapshot that :attr:`view` builds when asked.
+    """
+
+    machine_id: str
+    online: bool = False
+    last_seen: float | None = None
+    firmware: str | None = None
+    boot: int | None = None  # newest[0], once there is a newest
+    session: int | None = None
+    session_id: uuid.UUID | None = None
+    connected_at: float | None = None
+    rssi: int | None = None
+    last_heartbeat_at: float | None = None
     phase: Phase = Phase.OFFLINE
     open: SessionRecord | None = None
     opened_at: Position | None = None  # the frame that opened the session; None if loaded
@@ -266,6 +282,57 @@ class _Track:
     presence: PresenceKey | None = None  # newest presence seen
     silent_since: float = 0.0  # silence is measured from here (last frame, or gateway start)
     heartbeat_at: float | None = None  # previous heartbeat of the open session
+    dirty: bool = False  # in the tracker's dirty machines: changed since the last take
+
+    @classmethod
+    def of(cls, row: MachinePresence, silent_since: float) -> _Track:
+        return cls(
+            row.machine_id,
+            row.online,
+            row.last_seen,
+            row.firmware,
+            row.boot,
+            row.session,
+            row.session_id,
+            row.connected_at,
+            row.rssi,
+            row.last_heartbeat_at,
+            silent_since=silent_since,
+        )
+
+    @property
+    def view(self) -> MachinePresence:
+        return MachinePresence(
+            self.machine_id,
+            self.online,
+            self.last_seen,
+            self.firmware,
+            self.boot,
+            self.session,
+            self.session_id,
+            self.connected_at,
+            self.rssi,
+            self.last_heartbeat_at,
+        )
+
+
+#: The step the fast path of :meth:`PresenceTracker.observe` stands for: it may skip the
+#: table only while the table says that a fresh frame of the same boot changes nothing.
+_STAY_ONLINE: Final = Step(Phase.ONLINE)
+_ONLINE: Final = Phase.ONLINE  # a module global: ``Phase.ONLINE`` costs ~5x more per frame
+
+#: Frame types the fast path takes: every uplink type but ``Presence`` (ordered by session,
+#: rules 2-3) and ``Hello`` (sets the firmware); the fast path handles ``Heartbeat`` itself.
+#: Exact types, so that a subclass of one of them could never slip past its own rules.
+_FAST_TYPES: Final = frozenset(
+    kind
+    for kind in FRAME_TYPES.values()
+    if issubclass(kind, UplinkFrame)
+    and (kind is Heartbeat or not issubclass(kind, Presence | Hello | Heartbeat))
+)
+
+#: What observe returns for nearly every frame: shared, and immutable so that it can be.
+_NO_EVENTS: Final[tuple[PresenceEvent, ...]] = ()
 
 
 # --- the pure core ---------------------------------------------------------------------------
@@ -275,6 +342,8 @@ class PresenceTracker:
     """Presence of every machine, from its verified uplink frames; see the module docstring.
 
     Pure: no I/O and no asyncio. ``clock`` returns unix seconds and is read once per frame.
+    ``fast_path=False`` sends every frame through the transition table, so that tests can
+    check the fast path of :meth:`observe` against it.
     """
 
     def __init__(
@@ -283,8 +352,10 @@ class PresenceTracker:
         *,
         heartbeat_timeout_s: float = 75.0,
         new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+        fast_path: bool = True,
     ) -> None:
         self._clock = clock
+        self._fast_path = fast_path and TRANSITIONS[(Phase.ONLINE, Cue.FRAME)] == _STAY_ONLINE
         self._timeout_s = heartbeat_timeout_s
         self._new_id = new_id
         self._tracks: dict[str, _Track] = {}
@@ -340,7 +411,8 @@ class PresenceTracker:
             previous = self._tracks.get(row.machine_id)
             if previous is not None and previous.phase is Phase.ONLINE:
                 self._online -= 1
-            track = _Track(view=row, silent_since=max(row.last_seen or now, now))
+            track = _Track.of(row, silent_since=max(row.last_seen or now, now))
+            track.dirty = row.machine_id in self._dirty_machines
             if row.boot is not None:
                 track.newest = (row.boot, 0)
                 if row.session is not None:
@@ -357,44 +429,87 @@ class PresenceTracker:
                 )
                 self._online += 1
             else:
-                track.view = replace(row, online=False)
+                track.online = False
             self._tracks[row.machine_id] = track
             count += 1
         return count
 
     # -- inputs -----------------------------------------------------------------------------
 
-    def observe(self, machine_id: str, frame: UplinkFrame) -> list[PresenceEvent]:
-        """Apply one verified uplink frame of ``machine_id``; return what it caused."""
+    def observe(self, machine_id: str, frame: UplinkFrame) -> Sequence[PresenceEvent]:
+        """Apply one verified uplink frame of ``machine_id``; return what it caused (a tuple)."""
         now = self._clock()
         track = self._tracks.get(machine_id)
         if track is None:
-            track = self._tracks[machine_id] = _Track(view=MachinePresence(machine_id))
+            track = self._tracks[machine_id] = _Track(machine_id)
+        elif self._fast_path and track.phase is _ONLINE:
+            # The fast path: nearly every frame is a fresh one, of the boot seen last, from a
+            # machine already online. _cue gives it Cue.FRAME, whose step changes nothing
+            # (checked in __init__): the open session's fields in the view stay as they are.
+            # What is left is rule 5, written out below; any other frame goes on to the table.
+            # tests/gateway/test_sessions.py checks the two against each other.
+            newest = track.newest
+            boot, seq = frame.boot, frame.seq
+            if (
+                newest is not None
+                and boot == newest[0]
+                and seq > newest[1]
+                and type(frame) in _FAST_TYPES
+            ):
+                track.newest = (boot, seq)
+                track.silent_since = now
+                # Marked as the table path marks it: once per take, and only if the view
+                # changed, which here means last_seen (or a heartbeat's fields).
+                if type(frame) is Heartbeat:
+                    rssi = frame.rssi
+                    if not track.dirty and (
+                        track.last_seen != now
+                        or track.rssi != rssi
+                        or track.last_heartbeat_at != now
+                    ):
+                        self._mark(track, now)
+                    track.last_seen = now
+                    track.rssi = rssi
+                    track.last_heartbeat_at = now
+                    previous, track.heartbeat_at = track.heartbeat_at, now
+                    if previous is None:
+                        return _NO_EVENTS
+                    return (HeartbeatGap(machine_id, now - previous),)
+                if not track.dirty and track.last_seen != now:
+                    self._mark(track, now)
+                track.last_seen = now
+                return _NO_EVENTS
+        return self._apply(track, frame, now)
+
+    def _apply(self, track: _Track, frame: UplinkFrame, now: float) -> Sequence[PresenceEvent]:
+        """Apply ``frame`` through the transition table: every case the fast path leaves."""
+        machine_id = track.machine_id
         cue = _cue(track, frame)
         if cue is Cue.STALE:
-            return [Ignored(machine_id, type(frame).__name__)]
+            return (Ignored(machine_id, type(frame).__name__),)
         before = track.view
         session = frame.session if isinstance(frame, Presence) and frame.online else None
-        events = self._step(track, cue, now, (frame.boot, frame.seq), session)
         position = (frame.boot, frame.seq)
-        track.newest = position if track.newest is None else max(track.newest, position)
-        view = replace(track.view, boot=track.newest[0])
+        events = self._step(track, cue, now, position, session)
+        newest = position if track.newest is None else max(track.newest, position)
+        track.newest = newest
+        track.boot = newest[0]
         if isinstance(frame, Presence):
             track.presence = (frame.boot, frame.session, 0 if frame.online else 1)
         if cue is not Cue.WILL:
-            view = replace(view, last_seen=now)
+            track.last_seen = now
             track.silent_since = now
         if isinstance(frame, Hello):
-            view = replace(view, firmware=frame.firmware)
+            track.firmware = frame.firmware
         elif isinstance(frame, Heartbeat):
-            view = replace(view, rssi=frame.rssi, last_heartbeat_at=now)
+            track.rssi = frame.rssi
+            track.last_heartbeat_at = now
             if track.heartbeat_at is not None:
                 events.append(HeartbeatGap(machine_id, now - track.heartbeat_at))
             track.heartbeat_at = now
-        track.view = view
-        if view != before:
-            self._mark(machine_id, now)
-        return events
+        if not track.dirty and track.view != before:
+            self._mark(track, now)
+        return tuple(events)
 
     def due(self, now: float) -> list[str]:
         """Return the online machines silent for ``heartbeat_timeout_s`` or more at ``now``."""
@@ -410,10 +525,10 @@ class PresenceTracker:
         if track is None or seen_at <= track.silent_since + _SEEN_MARGIN_S:
             return False
         track.silent_since = seen_at
-        last_seen = track.view.last_seen
+        last_seen = track.last_seen
         if last_seen is None or seen_at > last_seen:
             # Not marked dirty: the database already holds this value.
-            track.view = replace(track.view, last_seen=seen_at)
+            track.last_seen = seen_at
         return True
 
     def expire(self, now: float, machine_ids: Collection[str] | None = None) -> list[PresenceEvent]:
@@ -430,7 +545,7 @@ class PresenceTracker:
             if now - track.silent_since < self._timeout_s:
                 continue
             events.extend(self._step(track, Cue.SILENCE, now, None, None))
-            self._mark(machine_id, now)
+            self._mark(track, now)
         return events
 
     # -- changes ----------------------------------------------------------------------------
@@ -440,16 +555,22 @@ class PresenceTracker:
 
         Give it back with :meth:`restore` if it could not be saved.
         """
-        machines = tuple(self._tracks[m].view for m in sorted(self._dirty_machines))
+        machines: list[MachinePresence] = []
+        for machine_id in sorted(self._dirty_machines):
+            track = self._tracks[machine_id]
+            track.dirty = False
+            machines.append(track.view)  # built now: the snapshot of what is saved
         sessions = tuple(self._dirty_sessions.values())
         self._dirty_machines = set()
         self._dirty_sessions = {}
         self._taken_since, self._dirty_since = self._dirty_since, None
-        return PresenceChanges(machines, sessions)
+        return PresenceChanges(tuple(machines), sessions)
 
     def restore(self, changes: PresenceChanges) -> None:
         """Put back changes that could not be saved; anything changed since stays newer."""
-        self._dirty_machines.update(m.machine_id for m in changes.machines)
+        for machine in changes.machines:
+            self._dirty_machines.add(machine.machine_id)
+            self._tracks[machine.machine_id].dirty = True
         for record in changes.sessions:
             self._dirty_sessions.setdefault(record.session_id, record)
         if changes.machines or changes.sessions:
@@ -468,12 +589,12 @@ class PresenceTracker:
     ) -> list[PresenceEvent]:
         step = TRANSITIONS[(track.phase, cue)]
         events: list[PresenceEvent] = []
-        machine_id = track.view.machine_id
+        machine_id = track.machine_id
         if step.ends is not None and track.open is not None:
             ended_at = now
             if step.ends is EndReason.HEARTBEAT_TIMEOUT:
                 # Dated at the last frame: the machine is not known to have been there after.
-                ended_at = max(track.view.last_seen or now, track.open.connected_at)
+                ended_at = max(track.last_seen or now, track.open.connected_at)
             closed = replace(track.open, disconnected_at=ended_at, end_reason=step.ends)
             self._dirty_sessions[closed.session_id] = closed
             events.append(Disconnected(machine_id, closed, step.ends))
@@ -497,19 +618,18 @@ class PresenceTracker:
         track.phase = step.then
         current = track.open
         if current is not None:
-            track.view = replace(
-                track.view,
-                online=True,
-                session=current.session,
-                session_id=current.session_id,
-                connected_at=current.connected_at,
-            )
-        elif track.view.online:
-            track.view = replace(track.view, online=False)
+            track.online = True
+            track.session = current.session
+            track.session_id = current.session_id
+            track.connected_at = current.connected_at
+        else:
+            track.online = False
         return events
 
-    def _mark(self, machine_id: str, now: float) -> None:
-        self._dirty_machines.add(machine_id)
+    def _mark(self, track: _Track, now: float) -> None:
+        if not track.dirty:
+            track.dirty = True
+            self._dirty_machines.add(track.machine_id)
         if self._dirty_since is None:
             self._dirty_since = now
 
@@ -688,10 +808,11 @@ class PresenceService:
         log.info("presence_loaded", machines=count, online=self.tracker.online_count())
         return count
 
-    def observe(self, machine_id: str, frame: UplinkFrame) -> list[PresenceEvent]:
+    def observe(self, machine_id: str, frame: UplinkFrame) -> Sequence[PresenceEvent]:
         """Apply one verified uplink frame; cheap and synchronous. Returns what it caused."""
         events = self.tracker.observe(machine_id, frame)
-        self._count(events)
+        if events:
+            self._count(events)
         return events
 
     async def run(self) -> None:

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from gateway.sessions import (
     MachinePresence,
     Numbered,
     Phase,
+    PresenceChanges,
     PresenceEvent,
     PresenceService,
     PresenceTracker,
@@ -46,7 +47,7 @@ from gateway.store import db, machines
 from gateway.store import sessions as store
 from protocols.codec import FrameKey, decode
 from protocols.device import Device, MemoryStore, Publish
-from protocols.frames import Direction, Heartbeat, Hello, Presence, UplinkFrame
+from protocols.frames import Direction, Heartbeat, Hello, Presence, Telemetry, UplinkFrame
 
 START = 1_700_000_000.0
 M = "VM-1"
@@ -99,7 +100,7 @@ def beat(boot: int, seq: int, rssi: int = -70) -> Heartbeat:
     return Heartbeat(boot=boot, seq=seq, clock_ms=0, rssi=rssi, uptime_s=0, want_time=False)
 
 
-def only(events: list[PresenceEvent], kind: type[Any]) -> list[Any]:
+def only(events: Sequence[PresenceEvent], kind: type[Any]) -> list[Any]:
     return [e for e in events if isinstance(e, kind)]
 
 
@@ -121,11 +122,11 @@ def test_presence_hello_heartbeats_then_will() -> None:
     (opened,) = t.observe(M, online(1, 1, 1))
     assert isinstance(opened, Connected)
     assert opened.session.session == 1
-    assert t.observe(M, hello(1, 2, "fw/2")) == []
+    assert t.observe(M, hello(1, 2, "fw/2")) == ()
     clock.advance(30)
-    assert t.observe(M, beat(1, 3, rssi=-60)) == []
+    assert t.observe(M, beat(1, 3, rssi=-60)) == ()
     clock.advance(31)
-    assert t.observe(M, beat(1, 4, rssi=-61)) == [HeartbeatGap(M, 31.0)]
+    assert t.observe(M, beat(1, 4, rssi=-61)) == (HeartbeatGap(M, 31.0),)
     view = t.get(M)
     assert view is not None
     assert (view.online, view.firmware, view.rssi, view.boot, view.session) == (
@@ -161,7 +162,7 @@ def test_clean_goodbye_ends_the_session_as_clean() -> None:
     assert isinstance(closed, Disconnected)
     assert closed.reason is EndReason.CLEAN
     # The broker keeps the will of the same session; it must not end anything again.
-    assert t.observe(M, will(1, 1)) == [Ignored(M, "Presence")]
+    assert t.observe(M, will(1, 1)) == (Ignored(M, "Presence"),)
 
 
 def test_replayed_will_of_an_older_session_is_ignored() -> None:
@@ -172,7 +173,7 @@ def test_replayed_will_of_an_older_session_is_ignored() -> None:
     events = t.observe(M, online(1, 5, 2))  # reconnected; the will of session 1 is late
     assert [type(e) for e in events] == [Disconnected, Connected]
     assert events[0].reason is EndReason.SUPERSEDED  # type: ignore[union-attr]  # checked above
-    assert t.observe(M, will(1, 1)) == [Ignored(M, "Presence")]
+    assert t.observe(M, will(1, 1)) == (Ignored(M, "Presence"),)
     assert t.is_online(M)
     open_session = t.open_session(M)
     assert open_session is not None
@@ -214,8 +215,8 @@ def test_reboot_supersedes_the_open_session() -> None:
     assert isinstance(opened, Connected)
     assert (opened.session.boot, opened.session.session) == (2, None)
     # Boot 1 is over: its late frames, even its will, are stale before boot 2 has a number.
-    assert t.observe(M, beat(1, 10)) == [Ignored(M, "Heartbeat")]
-    assert t.observe(M, will(1, 3)) == [Ignored(M, "Presence")]
+    assert t.observe(M, beat(1, 10)) == (Ignored(M, "Heartbeat"),)
+    assert t.observe(M, will(1, 3)) == (Ignored(M, "Presence"),)
     assert only(t.observe(M, online(2, 1, 1)), Numbered)  # adopted, not a new session
     open_session = t.open_session(M)
     assert open_session is not None
@@ -242,7 +243,7 @@ def test_heartbeat_timeout_and_recovery() -> None:
     last = clock.now
     clock.advance(61)  # one heartbeat lost
     assert t.expire(clock.now) == []
-    assert t.observe(M, beat(1, 4)) == [HeartbeatGap(M, 61.0)]
+    assert t.observe(M, beat(1, 4)) == (HeartbeatGap(M, 61.0),)
     last = clock.now
     clock.advance(74)
     assert t.expire(clock.now) == []
@@ -253,7 +254,7 @@ def test_heartbeat_timeout_and_recovery() -> None:
     assert closed.session.disconnected_at == last  # dated at the last frame seen
     assert t.expire(clock.now + 100) == []
     # The retained Presence replayed on a resubscribe says nothing new: still offline.
-    assert t.observe(M, online(1, 1, 1)) == [Ignored(M, "Presence")]
+    assert t.observe(M, online(1, 1, 1)) == (Ignored(M, "Presence"),)
     assert not t.is_online(M)
     (opened,) = t.observe(M, beat(1, 7))
     assert isinstance(opened, Connected)
@@ -268,7 +269,7 @@ def test_will_for_a_newer_session_ends_the_open_one() -> None:
     (closed,) = t.observe(M, will(1, 2))
     assert isinstance(closed, Disconnected)
     assert closed.reason is EndReason.LAST_WILL
-    assert t.observe(M, online(1, 6, 2)) == [Ignored(M, "Presence")]
+    assert t.observe(M, online(1, 6, 2)) == (Ignored(M, "Presence"),)
     assert not t.is_online(M)
     (opened,) = t.observe(M, online(1, 9, 3))
     assert isinstance(opened, Connected)
@@ -282,8 +283,8 @@ def test_duplicates_are_ignored() -> None:
     t.observe(M, beat(1, 2))
     t.take_changes()
     clock.advance(5)
-    assert t.observe(M, beat(1, 2)) == [Ignored(M, "Heartbeat")]
-    assert t.observe(M, online(1, 1, 1)) == [Ignored(M, "Presence")]
+    assert t.observe(M, beat(1, 2)) == (Ignored(M, "Heartbeat"),)
+    assert t.observe(M, online(1, 1, 1)) == (Ignored(M, "Presence"),)
     assert t.take_changes() == ((), ())
 
 
@@ -297,7 +298,7 @@ def test_goodbye_of_an_earlier_connection_does_not_end_the_new_one() -> None:
     # Session 3 closed cleanly at seq 40 and session 4 began at 41, but the Hello came first.
     (opened,) = t.observe(M, hello(1, 42))
     assert isinstance(opened, Connected)
-    assert t.observe(M, goodbye(1, 40, 3)) == []
+    assert t.observe(M, goodbye(1, 40, 3)) == ()
     assert [type(e) for e in t.observe(M, online(1, 41, 4))] == [Numbered]
     open_session = t.open_session(M)
     assert open_session is not None
@@ -332,9 +333,9 @@ def test_load_keeps_open_sessions_and_delays_their_timeout() -> None:
     assert t.is_online(M)
     assert not t.is_online("VM-2")
     assert t.expire(clock.now) == []
-    assert t.observe(M, online(7, 1, 2)) == [Ignored(M, "Presence")]  # the retained replay
-    assert t.observe(M, will(7, 1)) == [Ignored(M, "Presence")]
-    assert t.observe("VM-2", online(3, 1, 1)) == [Ignored("VM-2", "Presence")]
+    assert t.observe(M, online(7, 1, 2)) == (Ignored(M, "Presence"),)  # the retained replay
+    assert t.observe(M, will(7, 1)) == (Ignored(M, "Presence"),)
+    assert t.observe("VM-2", online(3, 1, 1)) == (Ignored("VM-2", "Presence"),)
     clock.advance(75)
     (closed,) = t.expire(clock.now)
     assert isinstance(closed, Disconnected)
@@ -380,6 +381,175 @@ def test_refresh_postpones_the_timeout() -> None:
     view = t.get(M)
     assert view is not None
     assert view.last_seen == START + 60
+
+
+def telemetry(boot: int, seq: int) -> Telemetry:
+    return Telemetry(boot=boot, seq=seq, t0_ms=0, readings=(), events=())
+
+
+def test_common_frames_skip_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh Telemetry and Heartbeat frames of an online machine never reach the table."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.observe(M, online(1, 1, 1))
+    t.observe(M, hello(1, 2, "fw/3"))
+    t.take_changes()
+
+    def no_table(*_: object) -> Cue:
+        raise AssertionError("the table was consulted")
+
+    monkeypatch.setattr("gateway.sessions._cue", no_table)
+    clock.advance(1)
+    assert t.observe(M, telemetry(1, 3)) == ()
+    clock.advance(30)
+    assert t.observe(M, beat(1, 4, rssi=-55)) == ()
+    clock.advance(30)
+    assert t.observe(M, beat(1, 6, rssi=-56)) == (HeartbeatGap(M, 30.0),)
+    view = t.get(M)
+    assert view is not None
+    assert (view.online, view.boot, view.session, view.firmware, view.rssi) == (
+        True,
+        1,
+        1,
+        "fw/3",
+        -56,
+    )
+    assert view.last_seen == view.last_heartbeat_at == START + 61
+    assert t.take_changes() == ((view,), ())
+    monkeypatch.undo()
+    assert t.observe(M, telemetry(1, 5)) == (Ignored(M, "Telemetry"),)  # stale: via the table
+
+
+def test_views_are_snapshots_and_a_machine_is_marked_once_per_take() -> None:
+    """A view read earlier never changes; many frames leave one pending change per machine."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.observe(M, online(1, 1, 1))
+    t.take_changes()
+    before = t.get(M)
+    for seq in range(2, 102):
+        clock.advance(1)
+        t.observe(M, beat(1, seq, rssi=-seq) if seq % 10 == 0 else telemetry(1, seq))
+    assert before is not None
+    assert before.last_seen == START
+    assert (t.pending, t.pending_since) == (1, START + 1)
+    (taken,), sessions = t.take_changes()
+    assert sessions == ()
+    assert taken == t.get(M)
+    assert (taken.last_seen, taken.last_heartbeat_at, taken.rssi) == (START + 100, START + 99, -100)
+    assert t.observe(M, telemetry(1, 200)) == ()  # the clock did not move: nothing changed
+    assert t.pending == 0
+    clock.advance(1)
+    t.observe(M, telemetry(1, 201))
+    assert t.take_changes().machines == (t.get(M),)
+    failed = PresenceChanges((taken,), ())
+    t.restore(failed)
+    clock.advance(1)
+    t.observe(M, telemetry(1, 202))
+    assert t.pending == 1
+    assert t.take_changes().machines == (t.get(M),)
+
+
+# --- property: the fast path is the table --------------------------------------------------------
+
+MACHINES = (M, "VM-2")
+_LOADED = st.builds(
+    MachinePresence,
+    machine_id=st.sampled_from(MACHINES),
+    online=st.booleans(),
+    last_seen=st.sampled_from([None, START - 500, START - 10, START + 10]),
+    firmware=st.sampled_from([None, "fw/1"]),
+    boot=st.sampled_from([None, 1, 2]),
+    session=st.sampled_from([None, 1, 2]),
+    session_id=st.sampled_from([None, uuid.UUID(int=1000), uuid.UUID(int=1001)]),
+    connected_at=st.sampled_from([None, START - 900]),
+    rssi=st.sampled_from([None, -70]),
+)
+_KINDS = ["telemetry"] * 4 + ["heartbeat"] * 3 + ["hello", "online", "offline", "will"]
+
+
+def _frame(
+    data: st.DataObject, machine: str, boots: dict[str, int], seqs: dict[str, int]
+) -> UplinkFrame:
+    boot = max(1, boots[machine] + data.draw(st.sampled_from([0, 0, 0, 0, 0, 1, -1])))
+    if boot > boots[machine]:
+        boots[machine], seqs[machine] = boot, 0
+    if data.draw(st.integers(0, 3)):  # mostly the next frame, else a late or duplicate one
+        seq = seqs[machine] + 1
+    else:
+        seq = data.draw(st.integers(0, seqs[machine] + 2))
+    seqs[machine] = max(seqs[machine], seq)
+    session = data.draw(st.integers(1, 3))
+    kind = data.draw(st.sampled_from(_KINDS))
+    if kind == "telemetry":
+        return telemetry(boot, seq)
+    if kind == "heartbeat":
+        return beat(boot, seq, rssi=data.draw(st.sampled_from([-60, -70])))
+    if kind == "hello":
+        return hello(boot, seq, data.draw(st.sampled_from(["fw/1", "fw/2"])))
+    if kind == "will":
+        return will(boot, session)
+    return Presence(boot=boot, seq=seq, session=session, online=kind == "online")
+
+
+def _assert_same(fast: PresenceTracker, table: PresenceTracker) -> None:
+    for machine in MACHINES:
+        assert fast._tracks.get(machine) == table._tracks.get(machine)  # hidden state too
+        assert fast.get(machine) == table.get(machine)
+        assert fast.open_session(machine) == table.open_session(machine)
+        assert fast.is_online(machine) == table.is_online(machine)
+    assert fast.online_count() == table.online_count()
+    assert (fast.pending, fast.pending_since) == (table.pending, table.pending_since)
+
+
+def _but_last_seen(view: MachinePresence | None) -> MachinePresence | None:
+    return None if view is None else replace(view, last_seen=None)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_path_agrees_with_the_table(data: st.DataObject) -> None:
+    """With and without the fast path, any frames give the same events, views and changes."""
+    clock = FakeClock()
+    fast = _tracker(clock)
+    table = PresenceTracker(
+        clock, heartbeat_timeout_s=75.0, new_id=_ids().__next__, fast_path=False
+    )
+    assert fast._fast_path
+    assert not table._fast_path
+    rows = data.draw(st.lists(_LOADED, max_size=2, unique_by=lambda row: row.machine_id))
+    assert fast.load(rows) == table.load(rows)
+    saved = {m: view for m in MACHINES if (view := fast.get(m)) is not None}
+    boots = {m: next((r.boot or 1 for r in rows if r.machine_id == m), 1) for m in MACHINES}
+    seqs = dict.fromkeys(MACHINES, 0)
+    for _ in range(data.draw(st.integers(1, 60))):
+        op = data.draw(st.sampled_from(["frame"] * 8 + ["clock", "expire", "take", "refresh"]))
+        machine = data.draw(st.sampled_from(MACHINES))
+        if op == "frame":
+            frame = _frame(data, machine, boots, seqs)
+            assert fast.observe(machine, frame) == table.observe(machine, frame)
+        elif op == "clock":
+            clock.advance(data.draw(st.sampled_from([0.0, 1.0, 30.0, 80.0])))
+        elif op == "expire":
+            assert fast.expire(clock.now) == table.expire(clock.now)
+        elif op == "take":
+            changes = fast.take_changes()
+            assert changes == table.take_changes()
+            if data.draw(st.booleans()):  # a failed save
+                fast.restore(changes)
+                table.restore(changes)
+            else:
+                saved.update((view.machine_id, view) for view in changes.machines)
+        else:
+            seen_at = clock.now - data.draw(st.sampled_from([0.0, 10.0, 100.0]))
+            assert fast.refresh(machine, seen_at) == table.refresh(machine, seen_at)
+        _assert_same(fast, table)
+    changes = fast.take_changes()
+    assert changes == table.take_changes()
+    saved.update((view.machine_id, view) for view in changes.machines)
+    # Every change was saved, except a last_seen moved by refresh: the database had it first.
+    for machine in MACHINES:
+        assert _but_last_seen(saved.get(machine)) == _but_last_seen(fast.get(machine))
 
 
 # --- property: any interleaving of a reference machine's frames ------------------------------
@@ -463,7 +633,7 @@ def _check_invariants(t: PresenceTracker, records: dict[uuid.UUID, SessionRecord
     assert t.online_count() == int(t.is_online(M))
 
 
-def _feed(records: dict[uuid.UUID, SessionRecord], events: list[PresenceEvent]) -> None:
+def _feed(records: dict[uuid.UUID, SessionRecord], events: Sequence[PresenceEvent]) -> None:
     for event in events:
         if isinstance(event, Connected | Disconnected | Numbered):
             records[event.session.session_id] = event.session
@@ -645,7 +815,7 @@ async def test_restart_continues_the_open_session_and_ends_it(pool: asyncpg.Pool
         "fw/1",
     )
     assert _sample(second, "vendgate_machines_online") == 1
-    assert second.observe(M, online(2, 1, 5)) == [Ignored(M, "Presence")]  # retained replay
+    assert second.observe(M, online(2, 1, 5)) == (Ignored(M, "Presence"),)  # retained replay
     (closed,) = second.observe(M, will(2, 5))
     assert isinstance(closed, Disconnected)
     assert closed.session.session_id == before.session_id
