@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-telemetry fuzz vectors clean mosquitto
+.PHONY: demo test lint format bench bench-telemetry bench-storm fuzz vectors clean mosquitto
 
 # The tests and the demo start private Mosquitto brokers; PostgreSQL comes from a wheel.
 mosquitto:
@@ -55,6 +55,11 @@ bench-telemetry: $(STAMP) mosquitto
 	mkdir -p bench-results
 	$(BIN)/vendgate bench --profile telemetry --machines 1000 --messages 60000 \
 		--json bench-results/telemetry.json
+
+## bench-storm: restart the broker under 10,000 connected machines, API probed (~1-2 min)
+bench-storm: $(STAMP) mosquitto
+	mkdir -p bench-results
+	$(BIN)/vendgate bench --profile storm --machines 10000 --json bench-results/storm.json
 
 ## fuzz: coverage-guided fuzzing of the decoder with atheris (FUZZ_SECONDS, default 60)
 FUZZ_SECONDS ?= 60

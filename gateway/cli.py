@@ -441,6 +441,8 @@ def _register_migrate(commands: Subcommands) -> None:
 def _bench(args: argparse.Namespace, config: Config) -> int:
     if args.profile == "telemetry":
         return _bench_telemetry(args, config)
+    if args.profile == "storm":
+        return _bench_storm(args)
     import asyncio  # noqa: PLC0415
 
     from gateway import bench  # noqa: PLC0415  (only this command needs it)
@@ -515,6 +517,32 @@ def _bench_telemetry(args: argparse.Namespace, config: Config) -> int:
     return 0 if ok else 1
 
 
+def _bench_storm(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from gateway import bench_storm  # noqa: PLC0415  (only this profile needs it)
+
+    settings = bench_storm.StormSettings(
+        machines=10_000 if args.machines is None else args.machines,
+        api_rps=args.api_rps,
+        recover_within_s=args.recover_within_s,
+        api_p99_ms=args.api_p99_ms,
+        workdir=args.workdir,
+    )
+    result = asyncio.run(bench_storm.run_storm(settings))
+    print(bench_storm.storm_summary(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    ok = bool(result["passed"])
+    limits = (
+        f"all back within {settings.recover_within_s:g} s, "
+        f"API p99 at most {settings.api_p99_ms:g} ms"
+    )
+    print(f"storm: PASS ({limits})" if ok else f"storm: FAIL ({limits})")
+    return 0 if ok else 1
+
+
 def _register_bench(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "bench",
@@ -525,17 +553,20 @@ def _register_bench(commands: Subcommands) -> None:
         "database and the webhooks; exits 1 on any duplicate, lost vend or conflict. "
         "Profile telemetry: a generator publishing Telemetry frames for registered machines, "
         "then check every row is stored once, and measure the MQTT and COPY limits in the "
-        "same run; exits 1 on any lost, duplicated or altered row.",
+        "same run; exits 1 on any lost, duplicated or altered row. Profile storm: restart "
+        "the broker under a connected fleet (10,000 machines by default) while the API is "
+        "probed; exits 1 unless every machine is back online in time and the API's p99 "
+        "stays within its limit.",
     )
     parser.add_argument(
-        "--profile", choices=("vends", "telemetry"), default="vends", help="what to run"
+        "--profile", choices=("vends", "telemetry", "storm"), default="vends", help="what to run"
     )
     parser.add_argument(
         "--machines",
         type=int,
         default=None,
         metavar="N",
-        help="machines (default 50 for vends, 1000 for telemetry)",
+        help="machines (default 50 for vends, 1000 for telemetry, 10000 for storm)",
     )
     parser.add_argument(
         "--rate",
@@ -552,6 +583,14 @@ def _register_bench(commands: Subcommands) -> None:
     vends.add_argument("--concurrency", type=int, default=64, help="closed-loop requests in flight")
     vends.add_argument("--dispense-ms", type=int, default=0, help="simulated motor time")
     vends.add_argument("--deadline-s", type=int, default=60, help="deadline of each vend")
+    storm = parser.add_argument_group("storm profile")
+    storm.add_argument(
+        "--api-rps", type=float, default=50.0, help="API probes per second during the storm"
+    )
+    storm.add_argument(
+        "--recover-within-s", type=float, default=30.0, help="every machine back online by then"
+    )
+    storm.add_argument("--api-p99-ms", type=float, default=1000.0, help="API p99 limit")
     telemetry = parser.add_argument_group(
         "telemetry profile", "(--json PATH also writes a Markdown report to PATH.md)"
     )
