@@ -295,7 +295,8 @@ async def _fleet_main(args: dict[str, Any]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Fleet(settings) as fleet:
-        fleet.configure_locally()  # planogram sync over MQTT is a later issue
+        # As installed by a technician; the gateway has no planogram, so prices go unchecked.
+        fleet.configure_locally()
         sys.stdout.write(READY_MARK.decode() + json.dumps(fleet.machine_ids) + "\n")
         sys.stdout.flush()
         await stop.wait()

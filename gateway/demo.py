@@ -140,7 +140,7 @@ async def _drive(
             ) as r:
                 r.raise_for_status()
         async with Fleet(fleet_settings) as fleet:
-            fleet.configure_locally()  # planogram sync over MQTT is a later issue
+            await _set_planograms(out, http, endpoints.http_url, fleet)
             accepted = await _load(
                 out, s, http=http, url=endpoints.http_url, ids=ids, gateway=gateway
             )
@@ -151,6 +151,41 @@ async def _drive(
             turns = list(fleet.dispenses)
     out.write(f"{accepted} vends accepted by the API\n")
     return check(facts, turns, hooks.events.values(), expect_webhooks=True), latencies
+
+
+async def _set_planograms(out: TextIO, http: aiohttp.ClientSession, url: str, fleet: Fleet) -> None:
+    """Set each machine's planogram as a merchant would; wait until every machine runs it."""
+    config = fleet.settings.planogram()
+    body = {
+        "currency": "CNY",
+        "updated_by": "demo-merchant",
+        "slots": [
+            {
+                "slot": slot.slot,
+                "product_code": slot.product_code,
+                "name": slot.name,
+                "price": slot.price,
+                "capacity": slot.capacity,
+                "drop_sensor": slot.drop_sensor,
+            }
+            for slot in config.slots
+        ],
+    }
+    for machine_id in fleet.machine_ids:
+        async with http.put(f"{url}/v1/machines/{machine_id}/planogram", json=body) as r:
+            r.raise_for_status()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        synced = 0
+        for machine_id in fleet.machine_ids:
+            async with http.get(f"{url}/v1/machines/{machine_id}/planogram") as r:
+                synced += bool((await r.json())["in_sync"])
+        if synced == len(fleet.machine_ids):
+            break
+        await asyncio.sleep(0.5)
+    out.write(
+        f"planograms set through the API: {synced} of {len(fleet.machine_ids)} machines run them\n"
+    )
 
 
 async def _load(
@@ -165,7 +200,7 @@ async def _load(
     rng = random.Random(s.seed)  # noqa: S311  (demo traffic, not security)
     started = time.monotonic()
     load_s = s.duration_s - 15 if s.duration_s else float("inf")
-    accepted = 0
+    accepted = refused = 0
     next_report = started + 5
     i = 0
     while time.monotonic() - started < load_s:
@@ -173,17 +208,20 @@ async def _load(
         body = {
             "vend_id": f"wx-{int(time.time())}-{i:05d}",
             "machine_id": rng.choice(ids),
-            "slot": rng.randint(1, 10),
-            "price": rng.choice([200, 300, 350, 450]),
+            "slot": (slot := rng.randint(1, 10)),
+            "price": 100 * slot,  # the planogram's price (FleetSettings.planogram)
             "currency": "CNY",
             "deadline_s": s.deadline_s,
         }
         async with http.post(f"{url}/v1/vends", json=body) as response:
             accepted += response.status == 202
+            refused += response.status == 409  # a slot out of service after failures
         if time.monotonic() >= next_report:
             next_report += 5
             out.write(_progress(gateway, time.monotonic() - started) + "\n")
         await asyncio.sleep(rng.expovariate(s.rate))
+    if refused:
+        out.write(f"{refused} vends refused before payment (409: slot out of service)\n")
     return accepted
 
 

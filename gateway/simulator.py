@@ -871,8 +871,9 @@ class Fleet:
     def configure_locally(self, config: Config | None = None) -> None:
         """Apply a planogram on every machine directly, as a technician would at installation.
 
-        Planogram sync over MQTT is the sessions layer's job; until a gateway pushes
-        ``Config`` this gives the machines slots to vend from (the reference one by default).
+        The gateway pushes the planogram set through its API (``PUT .../planogram``); this
+        is for runs that set none (benchmarks), and gives the machines slots to vend from
+        (the reference planogram by default).
         """
         planogram = config or self.settings.planogram()
         now_ms = int(time.time() * 1000)
