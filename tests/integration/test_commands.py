@@ -73,6 +73,35 @@ def test_bench_writes_the_json_contract_and_passes(tmp_path: Path) -> None:
     assert result["webhooks_missing"] == 0
 
 
+def test_bench_storm_brings_every_machine_back_and_the_api_answers(tmp_path: Path) -> None:
+    """A broker restart under a connected fleet: every machine back, the API answering."""
+    out = tmp_path / "storm.json"
+    done = _vendgate(
+        "bench",
+        "--profile",
+        "storm",
+        "--machines",
+        "300",
+        "--api-rps",
+        "40",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "storm: PASS" in done.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["initial_online"] == 300
+    assert result["recovered"] == {"new_sessions": 300, "online": 300}
+    assert result["recovered_online_s"] <= 30
+    storm = result["api"]["storm"]
+    assert storm["requests"] > 0
+    assert set(storm["statuses"]) == {"200"}
+
+
 def test_migrate_applies_the_schema_once(database: str, tmp_path: Path) -> None:
     """`vendgate migrate` applies every migration, and a second run has nothing to do."""
     args = ("--set", f"database.dsn={database}", "migrate")
