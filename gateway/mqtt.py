@@ -17,14 +17,21 @@ How it uses gmqtt (0.8), and why:
   in a pluggable store and removes them on PUBACK; `_PubackWaiters` is that store, with a
   future per packet id. (gmqtt ignores the PUBACK reason code, so a refusal such as 0x87
   "not authorized" is indistinguishable from success here.)
+* Per message, the only task is the one gmqtt creates for ``on_message``: the handler runs in
+  it, and the link never cancels it while its connection is open (see `MqttLink._receive`).
+  Outgoing packets go through `_WriteBuffer`, one ``transport.write`` per loop iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import functools
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -57,6 +64,8 @@ _RETAIN_IF_NEW: Final = 1
 _RETAIN_ALWAYS: Final = 0
 _SHARED_PREFIX: Final = "$share/"
 _CLOSE_TIMEOUT_S: Final = 2.0
+# Called only inside gmqtt's tasks, where it never returns None.
+_current_task: Final[Callable[[], asyncio.Task[Any]]] = asyncio.current_task  # type: ignore[assignment]
 _MAX_EXPONENT: Final = 30
 
 
@@ -103,6 +112,55 @@ def _as_int(value: Any) -> int:  # noqa: ANN401 -- gmqtt hands out untyped value
     return int(value)
 
 
+class _WriteBuffer:
+    """Sends what gmqtt writes during one event-loop iteration with one ``transport.write``.
+
+    gmqtt writes every packet as soon as it is built; with ``optimistic_acknowledgement=False``
+    each PUBACK is a write, hence a ``send`` system call, of its own. This replaces the
+    protocol's ``write_data``, through which gmqtt 0.8 writes every packet (the one other
+    path, ``MQTTConnection.send_package``, replays stored QoS packets, of which
+    `_PubackWaiters` never has any): packets are kept in order and sent together from a
+    ``call_soon`` callback. ``MQTTConnection.close`` is wrapped to send them first, so the
+    DISCONNECT written just before it, and anything before that, still go out. What is
+    written once the transport is closing is dropped, as gmqtt does (without its warning:
+    a late PUBACK on a closed connection is expected here, see `MqttLink._receive`).
+    """
+
+    __slots__ = ("_chunks", "_connection", "_loop", "_transport")
+
+    def __init__(self, connection: Any) -> None:  # noqa: ANN401 -- gmqtt's MQTTConnection
+        self._connection = connection
+        # gmqtt 0.8 internals (the dependency is pinned below 0.9).
+        self._transport: asyncio.Transport = connection._transport  # noqa: SLF001
+        self._loop = asyncio.get_running_loop()
+        self._chunks: list[bytes] = []
+        connection._protocol.write_data = self.write  # noqa: SLF001
+        close = connection.close
+
+        async def close_after_flush() -> None:
+            self.flush()
+            await close()
+
+        connection.close = close_after_flush
+
+    def write(self, data: bytes) -> None:
+        chunks = self._chunks
+        chunks.append(data)
+        if len(chunks) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        chunks = self._chunks
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        chunks.clear()
+        # Read by gmqtt's keepalive timer: a PINGREQ is due only after a quiet spell.
+        self._connection._last_data_out = time.monotonic()  # noqa: SLF001
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+
 class _OneConnectionClient(gmqtt.Client):  # type: ignore[misc] # gmqtt ships no types
     """A gmqtt client used for exactly one network connection."""
 
@@ -112,6 +170,13 @@ class _OneConnectionClient(gmqtt.Client):  # type: ignore[misc] # gmqtt ships no
         # a fresh client) each time; two reconnect loops would take the session from each
         # other. (stop_reconnect() is not enough: it still allows one attempt.)
         return
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        # Called by connect() (and by reconnect(), which does nothing here) before the
+        # CONNECT packet is written: every packet of the connection goes through the buffer.
+        connection = await super()._create_connection(*args, **kwargs)
+        _WriteBuffer(connection)
+        return connection
 
 
 class _PubackWaiters:
@@ -182,27 +247,38 @@ class _PubackWaiters:
         self._empty.set()
 
 
+_Receive = Callable[
+    ["_Connection", object, str | bytes, bytes, int, object], Coroutine[Any, Any, int]
+]
+
+
 class _Connection:
     """One network connection to the broker, on its own single-use gmqtt client."""
 
     def __init__(
         self,
         settings: MqttSettings,
-        receive: Callable[[_Connection, str, bytes, int], Awaitable[int]],
+        receive: _Receive,
         log: FilteringBoundLogger,
         *,
         clean_start: bool,
     ) -> None:
         self.acks = _PubackWaiters()
-        self.handlers: set[asyncio.Task[bool]] = set()
-        self._accepting = True
+        # Whether new messages may start handlers; once retiring they stay unacknowledged.
+        self.accepting = True
+        # gmqtt's tasks now running the handler. At most one connection at a time has any
+        # (a connection is retired before the next one is opened), so `running` is also the
+        # link's count of handlers in flight, kept at or below receive_maximum.
+        self.handling: set[asyncio.Task[Any]] = set()
+        self.running = 0  # handlers running, plus slots handed to a waiter not yet started
+        self.slot_waiters: deque[asyncio.Future[bool]] = deque()
+        self.drained: asyncio.Future[None] | None = None  # set when `running` drops to 0
         self.session_present = False
         self.unacked = 0  # QoS 1 messages received and not yet acknowledged
         self.overrun_logged = False
         self.ended = asyncio.Event()
         self.end_reason = _End.LOST
         self.closed = asyncio.Event()
-        self._receive = receive
         self._log = log
         self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
         self._client: Any = _OneConnectionClient(
@@ -219,7 +295,9 @@ class _Connection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
+        # gmqtt calls it as receive(self, client, topic, payload, qos, properties) and runs
+        # the coroutine in a task of its own, which writes the PUBACK once it has returned.
+        self._client.on_message = functools.partial(receive, self)
 
     async def open(self, settings: MqttSettings, subscriptions: Sequence[tuple[str, int]]) -> None:
         """Connect and subscribe; raises OSError, TimeoutError or gmqtt.MQTTConnectError."""
@@ -265,12 +343,32 @@ class _Connection:
             self.ended.is_set() and self.end_reason is _End.LOST
         )
 
-    def accepting(self) -> bool:
-        """Whether new messages may start handlers; once retiring they stay unacknowledged."""
-        return self._accepting
-
     def stop_accepting(self) -> None:
-        self._accepting = False
+        """Start no more handlers; messages waiting for a slot stay unacknowledged."""
+        self.accepting = False
+        waiters, self.slot_waiters = self.slot_waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def take_slot(self, cap: int) -> bool:
+        """Count one more handler running if accepting and below `cap`; say whether."""
+        if self.accepting and self.running < cap:
+            self.running += 1
+            return True
+        return False
+
+    def release_slot(self) -> None:
+        """Pass the slot of a handler that is done (or of an unused one) on, or free it."""
+        waiters = self.slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # not cancelled
+                waiter.set_result(True)  # `running` stays: the slot changes hands
+                return
+        self.running -= 1
+        if not self.running and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
 
     def end(self, reason: _End) -> None:
         if not self.ended.is_set():
@@ -322,13 +420,6 @@ class _Connection:
         if future is not None and not future.done() and isinstance(codes, tuple | list):
             future.set_result(tuple(int(code) for code in codes))
 
-    async def _on_message(
-        self, _client: object, topic: str | bytes, payload: bytes, qos: int, _props: object
-    ) -> int:
-        if isinstance(topic, bytes):  # gmqtt passes bytes when the topic is not UTF-8
-            topic = topic.decode("utf-8", errors="replace")
-        return await self._receive(self, topic, bytes(payload), qos)
-
 
 class _SubscriptionRefusedError(Exception):
     def __init__(self, refused: list[tuple[str, int]]) -> None:
@@ -355,6 +446,11 @@ class MqttLink:
     overshoots that window once PUBACKs start flowing (eclipse-mosquitto/mosquitto#2301;
     measured here: 345 in flight for a window of 5), so the link also caps running handlers
     at ``receive_maximum`` itself; messages beyond the cap wait, unacknowledged, for a slot.
+
+    When a connection ends, its handlers get drain_timeout_s to finish; the connection is
+    then closed and the handlers still running are cancelled. Their messages are not
+    acknowledged, and the broker delivers them again (to this link or, for a shared
+    subscription, another member of the group).
     """
 
     def __init__(
@@ -371,14 +467,14 @@ class MqttLink:
             if qos not in (0, 1):
                 raise ValueError(f"subscription {topic!r}: QoS must be 0 or 1, not {qos}")
         self.settings = settings
-        self.stats: dict[str, int] = {
-            "received": 0,
-            "handled": 0,
+        # The two counters every message moves are plain attributes; `stats` merges them in.
+        self._received = 0
+        self._handled = 0
+        self._counts: dict[str, int] = {
             "handler_errors": 0,
             "left_unacked": 0,
             "reconnects": 0,
             "published": 0,
-            # QoS 1 messages received beyond receive_maximum unacknowledged ones (a broker bug).
             "broker_overruns": 0,
         }
         self._log = (logger or get_logger(__name__)).bind(
@@ -392,13 +488,25 @@ class MqttLink:
         self._closing = False
         self._failure: GatewayError | None = None
         self._retriable_streak = 0
-        self._slots = asyncio.Semaphore(settings.receive_maximum)
+        self._receive_maximum = settings.receive_maximum
         self._tg: asyncio.TaskGroup | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._interruptible = False  # the supervisor is backing off or connecting
         self._ready: asyncio.Future[None] | None = None
-        # gmqtt runs each on_message in a task of its own and keeps no reference to it.
-        self._receivers: set[asyncio.Task[Any]] = set()
+        # gmqtt runs each on_message in a task of its own and keeps no reference to it:
+        # how many are inside `_receive`, and a future for close to wait on them.
+        self._inside = 0
+        self._all_returned: asyncio.Future[None] | None = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since the link was made, in a new dict.
+
+        received, handled, handler_errors, left_unacked (retriable errors), reconnects,
+        published, broker_overruns (QoS 1 messages beyond receive_maximum unacknowledged
+        ones: a broker bug).
+        """
+        return {"received": self._received, "handled": self._handled, **self._counts}
 
     @property
     def connected(self) -> bool:
@@ -473,111 +581,137 @@ class MqttLink:
                 await self._before(deadline, conn.acks.wait_released(), "free packet id")
                 continue
             if acked is None or await self._before(deadline, acked, "PUBACK"):
-                self.stats["published"] += 1
+                self._counts["published"] += 1
                 return
             # The connection ended before the PUBACK: send it again on the next one.
 
     # --- receiving ---
 
-    async def _receive(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> int:
-        """Run the handler for one message; return the PUBACK reason code for gmqtt."""
-        receiver = asyncio.current_task()
-        if receiver is not None:
-            receiver.set_name("vendgate.mqtt.receive")
-            self._receivers.add(receiver)
-            receiver.add_done_callback(self._receivers.discard)
-        self.stats["received"] += 1
+    # One coroutine on purpose: every coroutine or call more is paid on every message.
+    async def _receive(  # noqa: PLR0912
+        self,
+        conn: _Connection,
+        _client: object,
+        topic: str | bytes,
+        payload: bytes,
+        qos: int,
+        _props: object,
+    ) -> int:
+        """Run the handler for one message; return the PUBACK reason code for gmqtt.
+
+        This is the hot path (thousands of messages a second): it runs in the task gmqtt
+        creates for the message, and costs no other task, lock or callback when the
+        handler has a free slot. gmqtt writes a PUBACK whenever this returns (for QoS 1),
+        and calls ``result()`` in a done-callback, so it must neither raise nor end
+        cancelled: an exception there ends up in the event loop's exception handler.
+        """
+        self._received += 1
+        self._inside += 1
         if qos:
             conn.unacked += 1
-            if conn.unacked > self.settings.receive_maximum:
+            if conn.unacked > self._receive_maximum:
                 self._note_overrun(conn)
         try:
-            return await self._run_and_ack(conn, topic, payload, qos)
+            if conn.take_slot(self._receive_maximum) or (
+                conn.accepting and await self._wait_for_slot(conn)
+            ):
+                if isinstance(topic, bytes):  # gmqtt passes bytes when not valid UTF-8
+                    topic = topic.decode("utf-8", errors="replace")
+                # Unnamed (gmqtt names it "Task-N"; its coroutine, MqttLink._receive, shows
+                # in a task dump): renaming it would cost a call per message.
+                task = _current_task()
+                handling = conn.handling
+                handling.add(task)
+                try:
+                    await self._handler(topic, payload)
+                except asyncio.CancelledError:
+                    # The link cancels a handler only once its connection is closed (see
+                    # _retire), so that no PUBACK for it can reach the broker. Not
+                    # re-raised: gmqtt's task must end normally (see above), and it does
+                    # right away, the PUBACK it then writes going nowhere.
+                    if not conn.closed.is_set():
+                        raise
+                    task.uncancel()
+                    acked = False
+                except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
+                    acked = self._handler_failed(conn, topic, qos, exc)
+                else:
+                    self._handled += 1
+                    self._retriable_streak = 0
+                    acked = True
+                finally:
+                    handling.discard(task)
+                    if conn.slot_waiters or conn.drained is not None:
+                        conn.release_slot()
+                    else:
+                        conn.running -= 1
+                if acked:
+                    return _PUBACK_SUCCESS
+            if qos == 0:
+                return _PUBACK_SUCCESS  # nothing to acknowledge; gmqtt ignores the result
+            # Leave it unacknowledged. An error reason code in the PUBACK would not do: it
+            # still completes the QoS 1 flow and the broker drops the message (checked with
+            # Mosquitto 2.0). Without a PUBACK the broker redelivers it on the next
+            # connection of this session (MQTT 5 §4.4); meanwhile it holds one slot of our
+            # Receive Maximum. Return only once the connection is closed, when gmqtt's
+            # write goes nowhere (_WriteBuffer drops it).
+            await conn.closed.wait()
+            return _PUBACK_SUCCESS
         finally:
             if qos:
                 conn.unacked -= 1
+            self._inside -= 1
+            if self._all_returned is not None and not self._inside:
+                returned, self._all_returned = self._all_returned, None
+                if not returned.done():  # not cancelled
+                    returned.set_result(None)
 
-    async def _run_and_ack(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> int:
-        handler = await self._start_handler(conn, topic, payload, qos)
-        if handler is not None:
-            await asyncio.wait({handler})
-            if not handler.cancelled() and handler.result():
-                return _PUBACK_SUCCESS
-        if qos == 0:
-            return _PUBACK_SUCCESS  # nothing to acknowledge; gmqtt ignores the result
-        # Leave it unacknowledged. An error reason code in the PUBACK would not do: it
-        # still completes the QoS 1 flow and the broker drops the message (checked with
-        # Mosquitto 2.0). Without a PUBACK the broker redelivers it on the next connection
-        # of this session (MQTT 5 §4.4); meanwhile it holds one slot of our Receive Maximum.
-        # gmqtt writes a PUBACK whenever this coroutine returns, and raising would end in
-        # the event loop's exception handler (gmqtt calls result() in a done-callback); so
-        # return only once the connection is closed, when gmqtt's write goes nowhere (it
-        # logs "[TRYING WRITE TO CLOSED SOCKET]").
-        await conn.closed.wait()
-        return _PUBACK_SUCCESS
-
-    async def _start_handler(
-        self, conn: _Connection, topic: str, payload: bytes, qos: int
-    ) -> asyncio.Task[bool] | None:
-        if not conn.accepting() or self._tg is None:
-            return None
-        await self._slots.acquire()
-        if not conn.accepting():  # it may have changed while we waited
-            self._slots.release()
-            return None
-        # The handler gets a task of the link's own, so that retiring a connection can
-        # cancel it without cancelling gmqtt's task: gmqtt would then fail inside its
-        # done-callback, in the event loop's exception handler.
+    async def _wait_for_slot(self, conn: _Connection) -> bool:
+        """Wait until a running handler hands over its slot; False if none is to be used."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        conn.slot_waiters.append(waiter)
         try:
-            handler = self._tg.create_task(
-                self._handle(conn, topic, payload, qos), name="vendgate.mqtt.handler"
-            )
-        except RuntimeError:  # the task group is aborting: leave the message for later
-            self._slots.release()
-            return None
-        conn.handlers.add(handler)
-        handler.add_done_callback(conn.handlers.discard)
-        handler.add_done_callback(lambda _: self._slots.release())
-        return handler
+            given = await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    conn.slot_waiters.remove(waiter)
+            elif waiter.result():
+                conn.release_slot()  # handed over just as the task was cancelled
+            raise
+        if given and not conn.accepting:  # it may have changed since the slot was handed over
+            conn.release_slot()
+            return False
+        return given
+
+    def _handler_failed(self, conn: _Connection, topic: str, qos: int, exc: Exception) -> bool:
+        """Count and log a handler's error; return whether the message may be acknowledged."""
+        self._counts["handler_errors"] += 1
+        if not isinstance(exc, GatewayError) or not exc.retriable or qos == 0:
+            self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
+            return True
+        self._counts["left_unacked"] += 1
+        self._retriable_streak += 1
+        self._log.warning(
+            "mqtt.handler_failed_retriable",
+            topic=topic,
+            error=str(exc),
+            error_type=type(exc).__name__,
+        )
+        conn.end(_End.RECYCLE)
+        return False
 
     def _note_overrun(self, conn: _Connection) -> None:
-        self.stats["broker_overruns"] += 1
+        self._counts["broker_overruns"] += 1
         if not conn.overrun_logged:
             # MQTT 5 §4.9 lets us DISCONNECT with 0x93 here; with Mosquitto 2.0 doing it
-            # routinely that would only loop, and the semaphore keeps handlers bounded.
+            # routinely that would only loop, and the handler cap keeps handlers bounded.
             conn.overrun_logged = True
             self._log.warning(
                 "mqtt.broker_exceeded_receive_maximum",
                 receive_maximum=self.settings.receive_maximum,
                 unacked=conn.unacked,
             )
-
-    async def _handle(self, conn: _Connection, topic: str, payload: bytes, qos: int) -> bool:
-        """Run the handler; return whether the message may be acknowledged."""
-        try:
-            await self._handler(topic, payload)
-        except GatewayError as exc:
-            self.stats["handler_errors"] += 1
-            if not exc.retriable or qos == 0:
-                self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
-                return True
-            self.stats["left_unacked"] += 1
-            self._retriable_streak += 1
-            self._log.warning(
-                "mqtt.handler_failed_retriable",
-                topic=topic,
-                error=str(exc),
-                error_type=type(exc).__name__,
-            )
-            conn.end(_End.RECYCLE)
-            return False
-        except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
-            self.stats["handler_errors"] += 1
-            self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
-            return True
-        self.stats["handled"] += 1
-        self._retriable_streak = 0
-        return True
 
     # --- connecting ---
 
@@ -653,7 +787,7 @@ class MqttLink:
 
     async def _serve(self, conn: _Connection, *, reconnected: bool) -> None:
         if reconnected:
-            self.stats["reconnects"] += 1
+            self._counts["reconnects"] += 1
         self._log.info("mqtt.connected", session_present=conn.session_present)
         await self._set_connection(conn)
         if self._ready is not None and not self._ready.done():
@@ -669,21 +803,23 @@ class MqttLink:
             await self._set_connection(None)
             conn.acks.release_all()  # publishers waiting for a PUBACK re-send elsewhere
         try:
-            if conn.handlers:
+            if conn.running:
                 # Handlers may still publish (and, unless the connection was lost, acknowledge).
-                _, pending = await asyncio.wait(
-                    set(conn.handlers), timeout=self.settings.drain_timeout_s
-                )
-                if pending:
-                    # Not acknowledged, so the broker delivers them again.
-                    self._log.warning("mqtt.handlers_cancelled", count=len(pending))
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.wait(pending)
+                conn.drained = asyncio.get_running_loop().create_future()
+                await asyncio.wait({conn.drained}, timeout=self.settings.drain_timeout_s)
         finally:
             if self._conn is conn:
                 await self._set_connection(None)
+            # Close first, then cancel what is still running: the PUBACK gmqtt writes when
+            # a cancelled handler's task returns then goes nowhere, even if the handler
+            # swallowed the cancellation, and the broker delivers the message again.
             await conn.close()
+            if conn.handling:
+                pending = set(conn.handling)
+                self._log.warning("mqtt.handlers_cancelled", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
 
     async def _set_connection(self, conn: _Connection | None) -> None:
         async with self._changed:
@@ -721,8 +857,9 @@ class MqttLink:
             await self._tg.__aexit__(exc_type, exc, traceback)
         finally:
             # They return as soon as their connection is closed.
-            if self._receivers:
-                await asyncio.wait(set(self._receivers))
+            if self._inside:
+                returned = self._all_returned = asyncio.get_running_loop().create_future()
+                await returned
 
     async def _connection(self, deadline: float | None) -> _Connection:
         """Return the current connection, waiting for one until `deadline` (loop time)."""
