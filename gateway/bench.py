@@ -52,6 +52,7 @@ from gateway.webhooks import WebhookRecorder
 
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"  # noqa: S105  (a throwaway test secret)
 READY_MARK = b"FLEET-READY "
+FLEET_LINE_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass
@@ -131,6 +132,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
             "fleet",
             json.dumps(fleet_settings),
             stdout=asyncio.subprocess.PIPE,
+            limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
         )
         stack.push_async_callback(stop_process, fleet)
         assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from gateway.bench import fleet_ready
+from gateway.bench import FLEET_LINE_LIMIT, fleet_ready
 from gateway.benchkit import (
     cpu_seconds,
     percentile,
@@ -105,6 +105,7 @@ async def run_storm(settings: StormSettings) -> dict[str, Any]:
                 }
             ),
             stdout=asyncio.subprocess.PIPE,
+            limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
         )
         stack.push_async_callback(stop_process, fleet, 60.0)
         assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
