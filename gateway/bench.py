@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import secrets
 import signal
@@ -279,6 +280,10 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
 
 
 async def _fleet_main(args: dict[str, Any]) -> None:
+    if args.get("nice"):
+        # The fleet stands in for thousands of separate devices; on a shared machine it must
+        # not take CPU from the gateway, broker and database it is measuring.
+        os.nice(int(args["nice"]))
     host, port = mqtt_address(args["broker"])
     settings = FleetSettings(
         broker_host=host,

@@ -89,7 +89,9 @@ async def _list_machines(request: web.Request) -> web.Response:
 async def _get_machine(request: web.Request) -> web.Response:
     pool = request.app[_KEY].pool
     machine_id = _path_machine_id(request)
-    async with reading(pool) as conn, conn.transaction(isolation="repeatable_read"):
+    # No snapshot transaction: each part is read once and is current; BEGIN and COMMIT would
+    # add two round trips to a read that must stay quick during a reconnect storm.
+    async with reading(pool) as conn:
         row = await sessions.get_machine(conn, machine_id)
         if row is None:
             raise UnknownMachineError(machine_id)

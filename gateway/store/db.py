@@ -80,6 +80,10 @@ async def migrate(conn: Conn, directory: Path = MIGRATIONS_DIR) -> list[int]:
     return applied
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Nothing to reset beyond asyncpg's own rollback (see ``create_pool``)."""
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
     """Open a connection pool, or raise DatabaseUnavailableError with the cause."""
     try:
@@ -90,6 +94,11 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
             command_timeout=30,
             # Plans are cached per connection; the hot statements are few and stable.
             statement_cache_size=256,
+            # asyncpg still rolls back an open transaction on release; the default reset
+            # adds a round trip per use (RESET ALL, UNLISTEN, advisory unlock) for session
+            # state this code never leaves behind: every setting and advisory lock it takes
+            # is transaction-scoped (set_config(..., true), pg_advisory_xact_lock).
+            reset=_keep_session,
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
