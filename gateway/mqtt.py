@@ -25,6 +25,7 @@ How it uses gmqtt (0.8), and why:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -95,6 +96,11 @@ class MqttSettings:
     publish_timeout_s: float = 10.0
     # How long handlers may run on once their connection ends or the link closes.
     drain_timeout_s: float = 5.0
+    # At most this many handlers start in one event-loop iteration. A burst of thousands of
+    # messages (a broker restart: every machine reconnecting, the retained presence of the
+    # fleet replayed) arrives in a few socket reads; started all at once they would make each
+    # iteration last a second, and every HTTP request needs several iterations.
+    handlers_per_iteration: int = 64
 
 
 class _End(enum.Enum):
@@ -497,6 +503,11 @@ class MqttLink:
         # how many are inside `_receive`, and a future for close to wait on them.
         self._inside = 0
         self._all_returned: asyncio.Future[None] | None = None
+        # Admission of handlers per loop iteration (MqttSettings.handlers_per_iteration).
+        self._per_iteration = settings.handlers_per_iteration
+        self._admitted = 0
+        self._iteration_scheduled = False
+        self._admission: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -588,7 +599,7 @@ class MqttLink:
     # --- receiving ---
 
     # One coroutine on purpose: every coroutine or call more is paid on every message.
-    async def _receive(  # noqa: PLR0912
+    async def _receive(  # noqa: PLR0912, PLR0915
         self,
         conn: _Connection,
         _client: object,
@@ -612,6 +623,12 @@ class MqttLink:
             if conn.unacked > self._receive_maximum:
                 self._note_overrun(conn)
         try:
+            if self._admitted < self._per_iteration and not self._admission:
+                self._admitted += 1
+                if not self._iteration_scheduled:
+                    self._next_iteration()
+            else:
+                await self._admitted_later()
             if conn.take_slot(self._receive_maximum) or (
                 conn.accepting and await self._wait_for_slot(conn)
             ):
@@ -665,6 +682,30 @@ class MqttLink:
                 returned, self._all_returned = self._all_returned, None
                 if not returned.done():  # not cancelled
                     returned.set_result(None)
+
+    def _next_iteration(self) -> None:
+        self._iteration_scheduled = True
+        asyncio.get_running_loop().call_soon(self._new_iteration)
+
+    def _new_iteration(self) -> None:
+        """Admit the next handlers; runs once per loop iteration while messages arrive."""
+        self._iteration_scheduled = False
+        self._admitted = 0
+        waiting = self._admission
+        while waiting and self._admitted < self._per_iteration:
+            waiter = waiting.popleft()
+            if not waiter.done():  # not cancelled
+                waiter.set_result(None)
+                self._admitted += 1
+        if self._admitted:
+            self._next_iteration()
+
+    async def _admitted_later(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._admission.append(waiter)
+        if not self._iteration_scheduled:
+            self._next_iteration()
+        await waiter
 
     async def _wait_for_slot(self, conn: _Connection) -> bool:
         """Wait until a running handler hands over its slot; False if none is to be used."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -269,6 +270,45 @@ async def test_receive_maximum_bounds_concurrent_handlers(
         await eventually(lambda: len(done) == len(sent), within=10)
     assert sorted(done) == sorted(sent)
     assert peak == 5
+
+
+@pytest.mark.asyncio
+async def test_a_burst_starts_a_bounded_number_of_handlers_per_loop_iteration(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """600 queued messages arrive in a few reads; at most 16 handlers start per iteration."""
+    iteration = 0
+    started: collections.Counter[int] = collections.Counter()
+    done: list[bytes] = []
+    ticking = True
+
+    def tick() -> None:  # counts event-loop iterations
+        nonlocal iteration
+        iteration += 1
+        if ticking:
+            asyncio.get_running_loop().call_soon(tick)
+
+    async def handler(_topic: str, payload: bytes) -> None:
+        started[iteration] += 1
+        done.append(payload)
+
+    topic_filter = f"{prefix}/m/+/up"
+    sub_settings = _settings(mosquitto, f"{prefix}-sub", handlers_per_iteration=16)
+    # Subscribe once and leave, so that the burst queues at the broker for this session.
+    async with MqttLink(sub_settings, _nothing, [(topic_filter, 1)]):
+        pass
+    async with MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        sent = [str(n).encode() for n in range(600)]
+        await asyncio.gather(*(pub.publish(f"{prefix}/m/vm-1/up", n) for n in sent))
+    asyncio.get_running_loop().call_soon(tick)
+    try:
+        async with MqttLink(sub_settings, handler, [(topic_filter, 1)]):
+            await eventually(lambda: len(done) == len(sent), within=10)
+    finally:
+        ticking = False
+    assert sorted(done) == sorted(sent)
+    assert max(started.values()) <= 16
+    assert len(started) >= len(sent) // 16
 
 
 @pytest.mark.asyncio
