@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.embedded import Mosquitto
@@ -115,6 +116,19 @@ async def test_failing_slot_is_disabled_and_an_operator_enables_it(
             await p.api.create(f"jam-{n}", machine, slot=2, price=200)
             vend = await p.api.wait_state(f"jam-{n}", "failed")
             assert vend["dispense"]["reason"] == "jam"
+
+        # Each result is also a dispense record, written with the vend's own state change.
+        conn = await asyncpg.connect(p.dsn)
+        try:
+            records = await conn.fetch(
+                "SELECT vend_id, slot, outcome, reason, drop_detected, late FROM dispenses "
+                "ORDER BY vend_id"
+            )
+        finally:
+            await conn.close()
+        assert [tuple(r) for r in records] == [
+            (f"jam-{n}", 2, "failed", "jam", False, False) for n in range(3)
+        ]
 
         status, slots = await p.api.request("GET", f"/v1/machines/{machine}/slots")
         assert status == 200
