@@ -225,7 +225,7 @@ class Pipeline:
         deadline = datetime.now(UTC) + timedelta(seconds=ttl_s)
         outcome, row = await self.writer.submit(lambda conn: vends.create(conn, request, deadline))
         assert outcome == "created"
-        assert row is not None
+        assert isinstance(row, VendRow)
         self.dispatcher.vend_accepted(row)
         return row
 

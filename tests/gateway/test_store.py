@@ -66,12 +66,12 @@ async def test_create_is_idempotent_and_detects_conflicts(pool: asyncpg.Pool) ->
     async with pool.acquire() as conn:
         outcome, row = await vends.create(conn, _request(), DEADLINE)
         assert outcome == "created"
-        assert row is not None
+        assert isinstance(row, vends.VendRow)
         assert row.state is VendStatus.ACCEPTED
         assert 0 <= row.wire_id < 2**63
         again, same = await vends.create(conn, _request(), DEADLINE + timedelta(seconds=5))
         assert again == "exists"
-        assert same is not None
+        assert isinstance(same, vends.VendRow)
         assert same.wire_id == row.wire_id
         assert same.deadline == row.deadline
         clash, _ = await vends.create(conn, _request(price=400), DEADLINE)

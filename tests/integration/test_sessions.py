@@ -9,6 +9,7 @@ rows, including while PostgreSQL is paused.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,7 @@ async def test_presence_follows_wills_timeouts_and_goodbyes(
     ) as p:
         willed, muted, steady = p.fleet.machine_ids
         for machine_id in p.fleet.machine_ids:
-            await p.eventually(
-                lambda m=machine_id: _online(p.api, m, online=True), f"{machine_id} online"
-            )
+            await p.eventually(partial(_online, p.api, machine_id, online=True), machine_id)
         status, page = await p.api.request("GET", "/v1/machines?online=true&limit=2")
         assert status == 200
         assert [m["machine_id"] for m in page["machines"]] == [willed, muted]
@@ -90,9 +89,7 @@ async def test_presence_follows_wills_timeouts_and_goodbyes(
         )
         p.fleet.faults.muted.discard(muted)
         for machine_id in (willed, muted):
-            await p.eventually(
-                lambda m=machine_id: _online(p.api, m, online=True), f"{machine_id} back"
-            )
+            await p.eventually(partial(_online, p.api, machine_id, online=True), machine_id)
         # One heartbeat lost is not a disconnection: the steady machine never flapped.
         assert [s["end_reason"] for s in await _sessions(p.api, steady)] == [None]
 
@@ -141,7 +138,7 @@ async def test_session_history_survives_a_gateway_restart(
                     fleet.cut_off(machine_id, 0.1)
                 for machine_id in fleet.machine_ids:
                     await diagnostics.eventually(
-                        lambda m=machine_id: _open_session(api, m), f"{machine_id} session open"
+                        partial(_open_session, api, machine_id), f"{machine_id} session open"
                     )
                 before = await _sessions(api, gone)
             finally:
