@@ -6,17 +6,21 @@ fixarray header, the version and the type code (each a positive fixint), and
 ``tag`` is the first 16 bytes of HMAC-SHA256(machine key, body).
 
 The decoder checks the size, the fixed header and the MAC before it parses any
-msgpack, so a forged frame costs one HMAC and is never parsed.
+msgpack, so a forged frame costs one HMAC and is never parsed. The fields are
+then checked by a decoder compiled for the frame's class (``protocols.compiled``);
+only a frame that fails goes through the generic schema walk, which names the
+field at fault.
 """
 
 from __future__ import annotations
 
 import hmac
 from hashlib import sha256
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
+from protocols.compiled import compile_decoder
 from protocols.errors import (
     BadMacError,
     EncodeError,
@@ -29,6 +33,9 @@ from protocols.errors import (
 )
 from protocols.frames import FRAME_TYPES, PROTOCOL_VERSION, Direction, Frame
 from protocols.schema import at_location, decode_fields, encode_fields
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Bytes of HMAC-SHA256 kept as the tag (SPEC §4.4 justifies 128 bits).
 TAG_SIZE: Final = 16
@@ -45,6 +52,14 @@ MIN_MASTER_SECRET: Final = 32
 _KEY_LABEL: Final = b"vendgate/v1/frame-key/"
 _MAX_FIELDS: Final = 15  # a top-level fixarray holds at most 15 elements
 _MAX_MACHINE_ID: Final = 64
+#: The direction of each type byte, None for the reserved ones (SPEC §4.2).
+_DIRECTIONS: Final = tuple(Direction.of_type(code) for code in range(0x100))
+#: Fields start after the version and the type code.
+_FIELDS_OFFSET: Final = 2
+#: The compiled decoder of each frame class, built at import from its WIRE_FIELDS.
+_DECODERS: Final[dict[type[Frame], Callable[[list[Any]], Frame | None]]] = {
+    cls: compile_decoder(cls, offset=_FIELDS_OFFSET) for cls in FRAME_TYPES.values()
+}
 
 
 def derive_machine_key(master_secret: bytes, machine_id: str) -> bytes:
@@ -138,13 +153,13 @@ def peek_header(data: bytes) -> tuple[int, type[Frame] | None, Direction]:
     if size < MIN_FRAME_SIZE:
         raise TruncatedFrameError(size, MIN_FRAME_SIZE)
     marker, version, type_code = data[0], data[1], data[2]
-    if marker & 0xF0 != 0x90 or marker & 0x0F < 2:
+    if not 0x92 <= marker <= 0x9F:
         raise MalformedFrameError(f"first byte 0x{marker:02x} is not a fixarray of 2..15")
     if version >= 0x80:
         raise MalformedFrameError(f"version byte 0x{version:02x} is not a positive fixint")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersionError(version)
-    direction = Direction.of_type(type_code)
+    direction = _DIRECTIONS[type_code]
     if direction is None:
         raise MalformedFrameError(f"type byte 0x{type_code:02x} is not a valid type code")
     return type_code, FRAME_TYPES.get(type_code), direction
@@ -201,7 +216,17 @@ def _parse(cls: type[Frame], body: bytes) -> Frame:
         raise MalformedFrameError(f"{cls.__name__}: bad msgpack: {exc}") from None
     if type(items) is not list or len(items) > _MAX_FIELDS:
         raise MalformedFrameError(f"{cls.__name__}: body is not a fixarray")
+    decoder = _DECODERS.get(cls)
+    if decoder is None:  # a frame class registered after this module was imported
+        decoder = _DECODERS[cls] = compile_decoder(cls, offset=_FIELDS_OFFSET)
+    frame = decoder(items)
+    if frame is not None:
+        return frame
+    # The compiled decoder only says that some value is wrong. The generic walk finds the
+    # first one and raises the located error (SPEC §8); a frame it accepts after all would
+    # be a compiler bug, which tests/protocols/test_compiled.py looks for, and the generic
+    # walk's frame is the one to trust.
     try:
-        return decode_fields(cls, items[2:])
+        return decode_fields(cls, items[_FIELDS_OFFSET:])
     except MalformedFrameError as exc:
         raise at_location(exc, cls.__name__) from None

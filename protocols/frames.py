@@ -8,6 +8,7 @@ start with the machine's boot count and a per-boot sequence number.
 from __future__ import annotations
 
 import enum
+import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
@@ -32,6 +33,9 @@ PROTOCOL_VERSION = 1
 
 U8, U16, U32, U64 = UInt(8), UInt(16), UInt(32), UInt(64)
 I16, I32 = SInt(16), SInt(32)
+
+#: The characters of an event code (SPEC §8).
+_EVENT_CODE_CHARS = string.ascii_uppercase + string.digits
 
 
 class Direction(enum.Enum):
@@ -229,7 +233,9 @@ class Event(Record):
 
     def check(self) -> str | None:
         """Require an event code of upper-case ASCII letters and digits."""
-        if not all("A" <= c <= "Z" or "0" <= c <= "9" for c in self.code):
+        # strip() leaves something exactly when some character is not one of them, at a
+        # fifth of the cost of a test per character (events are decoded on the hot path).
+        if self.code.strip(_EVENT_CODE_CHARS):
             return f"event code {self.code!r} is not [A-Z0-9]"
         return None
 

@@ -2,7 +2,10 @@
 
 Each frame field declares one of these through :func:`wire`. The same objects
 drive encoding, bounded decoding and the field tables in ``SPEC.md`` (a test
-keeps the spec's tables and these declarations in step).
+keeps the spec's tables and these declarations in step). The codec decodes valid
+frames with straight-line decoders that ``protocols.compiled`` generates from
+these declarations; :func:`decode_fields` is the definition they must match, and
+locates the error in a frame they refuse.
 """
 
 from __future__ import annotations

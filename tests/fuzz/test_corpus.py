@@ -9,7 +9,7 @@ import pytest
 
 from protocols.codec import decode, decode_unverified, peek_header
 from protocols.errors import BadMacError, ProtocolError
-from protocols.frames import Frame
+from protocols.frames import Direction, Frame
 from tests.fuzz.make_corpus import (
     CORPUS_DIR,
     EXPECTED_FILE,
@@ -18,6 +18,8 @@ from tests.fuzz.make_corpus import (
     build_corpus,
     outcome_of,
 )
+from tests.protocols import reference
+from tests.protocols.reference import assert_same_result, result_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,6 +67,21 @@ def test_corpus_file_raises_only_protocol_errors(name: str) -> None:
         assert type(unverified) is type(verified)
     if isinstance(header, ProtocolError):
         assert type(header) is type(verified)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_corpus_file_decodes_as_the_reference_decoder(name: str) -> None:
+    """Each file decodes to the reference decoder's frame, or fails with its exact error."""
+    data = (CORPUS_DIR / name).read_bytes()
+    for direction in (None, Direction.UP, Direction.DOWN):
+        assert_same_result(
+            result_of(lambda: decode(data, KEY, direction=direction)),  # noqa: B023  (called here)
+            result_of(lambda: reference.decode(data, KEY, direction=direction)),  # noqa: B023
+        )
+    assert_same_result(
+        result_of(lambda: decode_unverified(data)),
+        result_of(lambda: reference.decode_unverified(data)),
+    )
 
 
 def _outcome(fn: Callable[[], T]) -> T | ProtocolError:
