@@ -508,6 +508,9 @@ class MqttLink:
         self._admitted = 0
         self._iteration_scheduled = False
         self._admission: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Admitted from the queue but not yet resumed: later arrivals must not overtake them
+        # (messages start in the order they arrived).
+        self._woken = 0
 
     @property
     def stats(self) -> dict[str, int]:
@@ -623,7 +626,7 @@ class MqttLink:
             if conn.unacked > self._receive_maximum:
                 self._note_overrun(conn)
         try:
-            if self._admitted < self._per_iteration and not self._admission:
+            if self._admitted < self._per_iteration and not self._admission and not self._woken:
                 self._admitted += 1
                 if not self._iteration_scheduled:
                     self._next_iteration()
@@ -697,6 +700,7 @@ class MqttLink:
             if not waiter.done():  # not cancelled
                 waiter.set_result(None)
                 self._admitted += 1
+                self._woken += 1
         if self._admitted:
             self._next_iteration()
 
@@ -705,7 +709,13 @@ class MqttLink:
         self._admission.append(waiter)
         if not self._iteration_scheduled:
             self._next_iteration()
-        await waiter
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():
+                self._woken -= 1  # woken just as it was cancelled
+            raise
+        self._woken -= 1
 
     async def _wait_for_slot(self, conn: _Connection) -> bool:
         """Wait until a running handler hands over its slot; False if none is to be used."""

@@ -785,6 +785,7 @@ class PresenceService:
         self._pool = pool
         self._config = config
         self._metrics = metrics
+        self._stale: dict[str, Counter] = {}  # labelled children, looked up once
         self._clock = clock
         self._expire_interval_s = expire_interval_s
         self.tracker = PresenceTracker(clock, heartbeat_timeout_s=config.heartbeat_timeout_s)
@@ -888,7 +889,12 @@ class PresenceService:
                     "machine_disconnected", machine_id=event.machine_id, reason=event.reason.value
                 )
             elif isinstance(event, Ignored):
-                self._metrics.stale.labels(event.frame_type).inc()
+                stale = self._stale.get(event.frame_type)
+                if stale is None:
+                    stale = self._stale[event.frame_type] = self._metrics.stale.labels(
+                        event.frame_type
+                    )
+                stale.inc()
             elif isinstance(event, HeartbeatGap):
                 self._metrics.heartbeat_gap.observe(event.seconds)
 
