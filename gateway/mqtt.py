@@ -58,9 +58,11 @@ _PERMANENT_CONNACK_CODES: Final = frozenset(
     {0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B, 0x9C, 0x9D}
 )
 # MQTT 5 §3.3.1.3 Retain Handling. Shared filters: 1, send retained messages only for a new
-# subscription (brokers send none to shared subscriptions anyway, §4.8.2). Other filters: 0,
-# send them at every subscribe, so that each connection starts from the retained state (the
-# gateway's status filter: every machine's last presence, SPEC §3.4).
+# subscription (brokers send none to shared subscriptions anyway, §4.8.2). Other filters: 0
+# on the link's first connection, so that a starting process reads the retained state (the
+# gateway's status filter: every machine's last presence, SPEC §3.4); 1 on reconnections,
+# which resume the session, whose queue holds what was published meanwhile: replaying the
+# whole fleet's presence after every broker restart would only add a burst to the storm.
 _RETAIN_IF_NEW: Final = 1
 _RETAIN_ALWAYS: Final = 0
 _SHARED_PREFIX: Final = "$share/"
@@ -305,7 +307,13 @@ class _Connection:
         # the coroutine in a task of its own, which writes the PUBACK once it has returned.
         self._client.on_message = functools.partial(receive, self)
 
-    async def open(self, settings: MqttSettings, subscriptions: Sequence[tuple[str, int]]) -> None:
+    async def open(
+        self,
+        settings: MqttSettings,
+        subscriptions: Sequence[tuple[str, int]],
+        *,
+        replay_retained: bool = True,
+    ) -> None:
         """Connect and subscribe; raises OSError, TimeoutError or gmqtt.MQTTConnectError."""
         await self._client.connect(
             settings.host, settings.port, keepalive=settings.keepalive_s, version=MQTTv50
@@ -326,7 +334,9 @@ class _Connection:
                     topic,
                     qos=qos,
                     retain_handling_options=(
-                        _RETAIN_IF_NEW if topic.startswith(_SHARED_PREFIX) else _RETAIN_ALWAYS
+                        _RETAIN_ALWAYS
+                        if replay_retained and not topic.startswith(_SHARED_PREFIX)
+                        else _RETAIN_IF_NEW
                     ),
                 )
                 for topic, qos in subscriptions
@@ -511,6 +521,7 @@ class MqttLink:
         # Admitted from the queue but not yet resumed: later arrivals must not overtake them
         # (messages start in the order they arrived).
         self._woken = 0
+        self._subscribed = False  # a first connection has subscribed (Retain Handling above)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -822,7 +833,10 @@ class MqttLink:
         """Connect and subscribe; False (logged) when worth retrying."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
-                await conn.open(self.settings, self._subscriptions)
+                await conn.open(
+                    self.settings, self._subscriptions, replay_retained=not self._subscribed
+                )
+            self._subscribed = True
         except gmqtt.MQTTConnectError as exc:
             code = _as_int(exc.args[0]) if exc.args else 0
             if code in _PERMANENT_CONNACK_CODES:

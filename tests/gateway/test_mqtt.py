@@ -307,8 +307,10 @@ async def test_a_burst_starts_a_bounded_number_of_handlers_per_loop_iteration(
     finally:
         ticking = False
     assert done == sent  # one publisher, one topic: handlers start in arrival order
-    assert max(started.values()) <= 16
-    assert len(started) >= len(sent) // 16
+    # The tick callback sits somewhere inside each iteration, so one count can take the tail
+    # of one iteration and the head of the next: at most twice the limit (ungated: ~570).
+    assert max(started.values()) <= 2 * 16
+    assert len(started) >= len(sent) // (2 * 16)
 
 
 @pytest.mark.asyncio
