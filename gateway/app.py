@@ -53,6 +53,8 @@ log = get_logger("gateway.app")
 SECRET_FILE = "master_secret"  # noqa: S105  (a file name, not a secret)
 CLIENT_ID_FILE = "mqtt_client_id"
 ONE_OFF_SESSION_S = 60
+#: Uplink frames that report the machine's configuration version (to the planogram sync).
+_CONFIG_REPORTS = (Hello, StatusReply, ConfigAck)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +368,7 @@ class _Router:
         if isinstance(frame, Telemetry):
             await self.telemetry.submit(machine_id, frame)  # returns once the rows are durable
             return
-        if isinstance(frame, Hello | StatusReply | ConfigAck):
+        if isinstance(frame, _CONFIG_REPORTS):
             await self.configsync.on_frame(machine_id, frame)
         await self.dispatcher.on_uplink(machine_id, frame)
 

@@ -118,26 +118,18 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
             await asyncio.gather(*(register(m) for m in machine_ids))
 
         fleet_log = work / "dispense.jsonl"
-        fleet_settings = {
-            "broker": broker_url,
-            "secret": secret.hex(),
-            "machines": settings.machines,
-            "dispense_ms": settings.dispense_ms,
-            "slots": settings.slots,
-            "log": str(fleet_log),
-        }
-        fleet = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.bench",
-            "fleet",
-            json.dumps(fleet_settings),
-            stdout=asyncio.subprocess.PIPE,
-            limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
+        fleet, connected = await start_fleet(
+            stack,
+            {
+                "broker": broker_url,
+                "secret": secret.hex(),
+                "machines": settings.machines,
+                "dispense_ms": settings.dispense_ms,
+                "slots": settings.slots,
+                "log": str(fleet_log),
+            },
+            timeout_s=120,
         )
-        stack.push_async_callback(stop_process, fleet)
-        assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
-        connected = await asyncio.wait_for(fleet_ready(fleet.stdout), timeout=120)
         if connected != machine_ids:
             raise RuntimeError("the fleet's machine ids differ from the registered ones")
         await asyncio.sleep(0.5)  # Hello -> Time for every machine
@@ -201,6 +193,29 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         rss,
         work,
     )
+
+
+async def start_fleet(
+    stack: contextlib.AsyncExitStack,
+    args: dict[str, Any],
+    *,
+    timeout_s: float,
+    stop_timeout_s: float = 15.0,
+) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """Start the fleet process (``_fleet_main`` takes ``args``); return it once connected."""
+    fleet = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.bench",
+        "fleet",
+        json.dumps(args),
+        stdout=asyncio.subprocess.PIPE,
+        limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
+    )
+    stack.push_async_callback(stop_process, fleet, stop_timeout_s)
+    assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
+    connected = await asyncio.wait_for(fleet_ready(fleet.stdout), timeout=timeout_s)
+    return fleet, connected
 
 
 async def fleet_ready(stdout: asyncio.StreamReader) -> list[str]:

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from gateway.bench import FLEET_LINE_LIMIT, fleet_ready
+from gateway.bench import start_fleet
 from gateway.benchkit import (
     cpu_seconds,
     percentile,
@@ -90,30 +90,22 @@ async def run_storm(settings: StormSettings) -> dict[str, Any]:
         stack.push_async_callback(pool.close)
 
         t_fleet = time.monotonic()
-        fleet = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.bench",
-            "fleet",
-            json.dumps(
-                {
-                    "broker": services.broker_url,
-                    "secret": secret.hex(),
-                    "machines": settings.machines,
-                    "dispense_ms": 0,
-                    "slots": 10,
-                    "log": str(work / "dispense.jsonl"),
-                    "connect_concurrency": settings.connect_concurrency,
-                    "connect_timeout_s": settings.timeout_s,
-                    "nice": settings.fleet_nice,
-                }
-            ),
-            stdout=asyncio.subprocess.PIPE,
-            limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
+        await start_fleet(
+            stack,
+            {
+                "broker": services.broker_url,
+                "secret": secret.hex(),
+                "machines": settings.machines,
+                "dispense_ms": 0,
+                "slots": 10,
+                "log": str(work / "dispense.jsonl"),
+                "connect_concurrency": settings.connect_concurrency,
+                "connect_timeout_s": settings.timeout_s,
+                "nice": settings.fleet_nice,
+            },
+            timeout_s=settings.timeout_s,
+            stop_timeout_s=60.0,
         )
-        stack.push_async_callback(stop_process, fleet, 60.0)
-        assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
-        await asyncio.wait_for(fleet_ready(fleet.stdout), timeout=settings.timeout_s)
         fleet_connected_s = time.monotonic() - t_fleet
         initial = await _wait_online(pool, settings.machines, settings.timeout_s)
 

@@ -458,13 +458,19 @@ async def _register_machine(request: web.Request) -> web.Response:
     return web.json_response({"machine_id": machine_id}, status=201 if created else 200)
 
 
-async def _get_machine(request: web.Request) -> web.Response:
-    api = request.app[_API]
+def _path_machine_id(request: web.Request) -> str:
+    """Return the ``{machine_id}`` of the path; one that cannot exist is an unknown machine."""
     machine_id = request.match_info["machine_id"]
     try:
         check_machine_id(machine_id)
     except ValueError:
         raise UnknownMachineError(machine_id) from None
+    return machine_id
+
+
+async def _get_machine(request: web.Request) -> web.Response:
+    api = request.app[_API]
+    machine_id = _path_machine_id(request)
     async with _reading(api.pool) as conn:
         found = await machines.exists(conn, machine_id)
     if not found:
@@ -645,6 +651,10 @@ def _json_type(value: object) -> str:
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _rfc3339_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else _rfc3339(moment)
 
 
 def _vend_json(row: VendRow) -> dict[str, Any]:
@@ -983,6 +993,8 @@ text_field = _text
 integer_field = _integer
 reading = _reading
 rfc3339 = _rfc3339
+rfc3339_or_none = _rfc3339_or_none
+path_machine_id = _path_machine_id
 openapi_ref = _ref
 openapi_json_body = _json_body
 openapi_errors = _errors

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
@@ -23,8 +22,10 @@ from gateway.http_api import (
     openapi_errors,
     openapi_json_body,
     openapi_ref,
+    path_machine_id,
     reading,
     rfc3339,
+    rfc3339_or_none,
 )
 from gateway.http_planogram import slots_view
 from gateway.lifecycle import ACTIVE
@@ -88,7 +89,7 @@ async def _list_machines(request: web.Request) -> web.Response:
 
 async def _get_machine(request: web.Request) -> web.Response:
     pool = request.app[_KEY].pool
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     # No snapshot transaction: each part is read once and is current; BEGIN and COMMIT would
     # add two round trips to a read that must stay quick during a reconnect storm.
     async with reading(pool) as conn:
@@ -120,7 +121,7 @@ async def _get_machine(request: web.Request) -> web.Response:
 
 async def _get_sessions(request: web.Request) -> web.Response:
     pool = request.app[_KEY].pool
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     query = request.rel_url.query
     unknown = sorted(set(query) - {"limit"})
     if unknown:
@@ -139,7 +140,7 @@ async def _get_sessions(request: web.Request) -> web.Response:
                     "boot": r["boot"],
                     "session": r["session"],
                     "connected_at": rfc3339(r["connected_at"]),
-                    "disconnected_at": _time(r["disconnected_at"]),
+                    "disconnected_at": rfc3339_or_none(r["disconnected_at"]),
                     "end_reason": r["end_reason"],
                 }
                 for r in rows
@@ -149,15 +150,6 @@ async def _get_sessions(request: web.Request) -> web.Response:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _path_machine_id(request: web.Request) -> str:
-    machine_id = request.match_info["machine_id"]
-    try:
-        check_machine_id(machine_id)
-    except ValueError:
-        raise UnknownMachineError(machine_id) from None
-    return machine_id
 
 
 def _online(text: str | None) -> bool | None:
@@ -176,17 +168,13 @@ def _limit(text: str | None, default: int) -> int:
     return int(text)
 
 
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else rfc3339(value)
-
-
 def _machine_json(row: asyncpg.Record) -> dict[str, Any]:
     desired, reported = row["config_desired"], row["config_reported"]
     return {
         "machine_id": row["machine_id"],
         "registered_at": rfc3339(row["created_at"]),
         "online": row["online"],
-        "last_seen": _time(row["last_seen"]),
+        "last_seen": rfc3339_or_none(row["last_seen"]),
         "firmware": row["firmware"],
         "boot": row["boot"],
         "rssi": row["rssi"],
@@ -195,15 +183,15 @@ def _machine_json(row: asyncpg.Record) -> dict[str, Any]:
         else {
             "session_id": str(row["session_id"]),
             "session": row["session"],
-            "connected_at": _time(row["connected_at"]),
-            "disconnected_at": _time(row["disconnected_at"]),
+            "connected_at": rfc3339_or_none(row["connected_at"]),
+            "disconnected_at": rfc3339_or_none(row["disconnected_at"]),
         },
         "config": {
             "desired_version": desired,
             "reported_version": reported,
             "status": row["config_status"],
             "in_sync": desired is None or desired == reported,
-            "sent_at": _time(row["config_sent_at"]),
+            "sent_at": rfc3339_or_none(row["config_sent_at"]),
         },
     }
 

@@ -36,9 +36,11 @@ from gateway.http_api import (
     openapi_errors,
     openapi_json_body,
     openapi_ref,
+    path_machine_id,
     reading,
     required,
     rfc3339,
+    rfc3339_or_none,
     text_field,
 )
 from gateway.logs import get_logger
@@ -47,7 +49,7 @@ from gateway.store.db import Conn
 from gateway.store.planograms import ANY_VERSION, INT32_MAX, IfMatch, Planogram, PutOutcome
 from gateway.store.slots import AuditEntry, SlotRow
 from gateway.store.writer import GroupCommitter
-from protocols.codec import check_machine_id, encode_body
+from protocols.codec import encode_body
 from protocols.errors import EncodeError
 from protocols.frames import Config, SlotConfig
 
@@ -152,7 +154,7 @@ def _planogram_json(sync: planograms.SyncRow, planogram: Planogram | None) -> di
         "reported_version": sync.reported,
         "config_status": sync.status,
         "in_sync": sync.in_sync,
-        "sent_at": None if sync.sent_at is None else rfc3339(sync.sent_at),
+        "sent_at": rfc3339_or_none(sync.sent_at),
         "currency": None if planogram is None else planogram.currency,
         "slots": [] if planogram is None else [_slot_config_json(s) for s in planogram.slots],
         "updated_at": None if planogram is None else rfc3339(planogram.created_at),
@@ -183,7 +185,7 @@ def _slot_json(row: SlotRow, audit: list[AuditEntry]) -> dict[str, Any]:
         "drop_sensor": row.drop_sensor,
         "enabled": row.enabled,
         "consecutive_failures": row.consecutive_failures,
-        "disabled_at": None if row.disabled_at is None else rfc3339(row.disabled_at),
+        "disabled_at": rfc3339_or_none(row.disabled_at),
         "disabled_reason": row.disabled_reason,
         "audit": [
             {
@@ -207,7 +209,7 @@ def _etag(version: int | None) -> dict[str, str]:
 
 async def _put_planogram(request: web.Request) -> web.Response:
     api = request.app[_KEY]
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     with structlog.contextvars.bound_contextvars(machine_id=machine_id):
         # Several If-Match fields make one list (RFC 9110 §5.3).
         fields = request.headers.getall("If-Match", [])
@@ -247,7 +249,7 @@ async def _put_planogram(request: web.Request) -> web.Response:
 
 async def _get_planogram(request: web.Request) -> web.Response:
     api = request.app[_KEY]
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     async with reading(api.pool) as conn:
         view = await planogram_view(conn, machine_id)
     if view is None:
@@ -257,7 +259,7 @@ async def _get_planogram(request: web.Request) -> web.Response:
 
 async def _get_slots(request: web.Request) -> web.Response:
     api = request.app[_KEY]
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     async with reading(api.pool) as conn, conn.transaction(isolation="repeatable_read"):
         # One snapshot: the audit agrees with the health shown beside it.
         known = await machines.exists(conn, machine_id)
@@ -279,7 +281,7 @@ async def _disable_slot(request: web.Request) -> web.Response:
 
 async def _slot_action(request: web.Request, *, enable: bool) -> web.Response:
     api = request.app[_KEY]
-    machine_id = _path_machine_id(request)
+    machine_id = path_machine_id(request)
     slot = _path_slot(request)
     with structlog.contextvars.bound_contextvars(machine_id=machine_id, slot=slot):
         body = await json_object(request, _ACTION_FIELDS)
@@ -299,14 +301,6 @@ async def _slot_action(request: web.Request, *, enable: bool) -> web.Response:
         if view is None:
             raise UnknownMachineError(machine_id)
         return web.json_response(view)
-
-
-def _path_machine_id(request: web.Request) -> str:
-    machine_id = request.match_info["machine_id"]
-    try:
-        return check_machine_id(machine_id)
-    except ValueError:
-        raise UnknownMachineError(machine_id) from None
 
 
 def _path_slot(request: web.Request) -> int:
