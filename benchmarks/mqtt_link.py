@@ -1,5 +1,15 @@
 """Measure the cost of receiving QoS 1 messages: bare gmqtt against `gateway.mqtt.MqttLink`.
 
+This is the measurement behind gateway/mqtt.py dropping gmqtt for its own codec
+(protocols/mqtt5.py). Receivers, each acknowledging a message only once it is handled:
+
+* ``bare``: a gmqtt client, ``optimistic_acknowledgement=False``, an async ``on_message``
+  (gmqtt runs it in a task per message and writes the PUBACK when it returns);
+* ``link``: MqttLink with an ``async def`` handler (a task per message, as the gateway's
+  vend path has);
+* ``link-sync``: MqttLink with a plain function as the handler (no task: the telemetry path,
+  whose handler returns a future shared by a batch, costs about the same per message).
+
 A private Mosquitto runs in a temporary directory. For each run and each receiver, a publisher
 in a separate process (a minimal MQTT 5 client on a plain socket, so that it costs the broker
 and the machine as little as possible) publishes ``--messages`` small QoS 1 messages as fast as
@@ -208,7 +218,27 @@ async def _link(host: str, port: int, topic: str, counter: _Counter) -> AsyncIte
         yield
 
 
-RECEIVERS = {"bare": _bare, "link": _link}
+@contextlib.asynccontextmanager
+async def _link_sync(host: str, port: int, topic: str, counter: _Counter) -> AsyncIterator[None]:
+    """Run an MqttLink whose handler is a plain function: acknowledged when it returns."""
+    tick = counter.tick
+
+    def handler(_topic: str, _payload: bytes) -> None:
+        tick()
+
+    settings = MqttSettings(
+        host=host,
+        port=port,
+        client_id=f"bench-link-sync-{uuid.uuid4().hex[:8]}",
+        receive_maximum=RECEIVE_MAXIMUM,
+        session_expiry_s=0,
+        clean_start=True,
+    )
+    async with MqttLink(settings, handler, [(topic, 1)]):
+        yield
+
+
+RECEIVERS = {"bare": _bare, "link": _link, "link-sync": _link_sync}
 
 
 async def _measure(broker: Mosquitto, receiver: str, args: argparse.Namespace) -> dict[str, float]:
@@ -258,7 +288,7 @@ async def _main(args: argparse.Namespace) -> None:
                     result = await _measure(broker, name, args)
                     results[name].append(result)
                     print(
-                        f"run {run + 1} {name:>5}: {result['msgs_per_s']:9.0f} msg/s "
+                        f"run {run + 1} {name:>9}: {result['msgs_per_s']:9.0f} msg/s "
                         f"{result['cpu_us_per_msg']:6.1f} µs CPU/msg "
                         f"(published at {result['published_per_s']:.0f} msg/s)",
                         flush=True,
@@ -272,7 +302,7 @@ async def _main(args: argparse.Namespace) -> None:
     for name, runs in results.items():
         rate = statistics.median(r["msgs_per_s"] for r in runs)
         cpu = statistics.median(r["cpu_us_per_msg"] for r in runs)
-        print(f"  {name:>5}: {rate:9.0f} msg/s {cpu:6.1f} µs CPU/msg")
+        print(f"  {name:>9}: {rate:9.0f} msg/s {cpu:6.1f} µs CPU/msg")
 
 
 def main() -> None:
@@ -281,7 +311,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--window", type=int, default=500, help="PUBLISH packets awaiting PUBACK")
-    parser.add_argument("--receivers", default="bare,link", help="comma-separated: bare, link")
+    parser.add_argument(
+        "--receivers", default="bare,link,link-sync", help="comma-separated: bare, link, link-sync"
+    )
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish:

@@ -43,9 +43,18 @@ from gateway.store.partitions import PartitionKeeper
 from gateway.store.vends import VendRow
 from gateway.store.writer import GroupCommitter
 from gateway.telemetry import TelemetryIngest, TelemetryMetrics
-from gateway.uplink import MachineDirectory, Uplink
+from gateway.uplink import MachineDirectory, Outcome, Uplink
 from gateway.webhooks import WebhookDeliverer
-from protocols.frames import ConfigAck, Dispense, Hello, StatusReply, Telemetry, UplinkFrame
+from protocols.frames import (
+    ConfigAck,
+    Dispense,
+    Heartbeat,
+    Hello,
+    Presence,
+    StatusReply,
+    Telemetry,
+    UplinkFrame,
+)
 from protocols.topics import QOS, Channel, Topics
 
 log = get_logger("gateway.app")
@@ -134,9 +143,9 @@ class Gateway:
         telemetry = TelemetryIngest(pool, config.telemetry, telemetry_metrics)
         uplink: Uplink | None = None
 
-        async def handle(topic: str, payload: bytes) -> None:
+        def handle(topic: str, payload: bytes) -> Outcome:
             assert uplink is not None  # noqa: S101  (set before the link connects)
-            await uplink.handle(topic, payload)
+            return uplink.handle(topic, payload)
 
         client_id, one_off = self._client_id(stack)
         self._link = link = MqttLink(
@@ -363,11 +372,23 @@ class _Router:
     configsync: ConfigSync
     dispatcher: Dispatcher
 
-    async def route(self, machine_id: str, frame: UplinkFrame) -> None:
+    def route(self, machine_id: str, frame: UplinkFrame) -> Outcome:
+        """Take one frame; return what the MQTT acknowledgement must wait for, if anything.
+
+        Synchronous for the frames of the steady state: telemetry (a future that completes
+        when its rows are durable), plain heartbeats and presence (done at once). Every other
+        frame goes on to the config sync and the dispatcher in a coroutine.
+        """
         self.presence.observe(machine_id, frame)
-        if isinstance(frame, Telemetry):
-            await self.telemetry.submit(machine_id, frame)  # returns once the rows are durable
-            return
+        kind = type(frame)
+        if kind is Telemetry:
+            assert isinstance(frame, Telemetry)  # noqa: S101  (for the type checker)
+            return self.telemetry.submit_nowait(machine_id, frame)
+        if kind is Presence or (isinstance(frame, Heartbeat) and not frame.want_time):
+            return None  # Dispatcher.on_uplink and ConfigSync.on_frame have nothing to do
+        return self._act(machine_id, frame)
+
+    async def _act(self, machine_id: str, frame: UplinkFrame) -> None:
         if isinstance(frame, _CONFIG_REPORTS):
             await self.configsync.on_frame(machine_id, frame)
         await self.dispatcher.on_uplink(machine_id, frame)

@@ -19,9 +19,12 @@ Measured, once every row is durable (counts polled) or nothing moved for ``stall
   stored key the plan does not have is unexpected, a row whose content differs is
   mismatched;
 * two limits, in the same run against the same broker and database, while the gateway is
-  idle: ``mqtt_raw_ingest_mps``, one bare gmqtt client (``raw`` child) receiving the same
-  pre-encoded messages, published by the same generator on another topic prefix through a
-  shared subscription like the gateway's, and doing nothing with them; and
+  idle: ``mqtt_raw_ingest_mps``, one bare client (``raw`` child) receiving the same
+  pre-encoded messages, published by the same generator on another topic prefix, and doing
+  nothing with them but the PUBACK: the fastest of gmqtt through a shared subscription like
+  the gateway's while the generator publishes (``live``), gmqtt taking them queued
+  (``drain``), and protocols.mqtt5 on a bare transport taking them queued (``drain_codec``,
+  the fastest receiver we have); and
   ``pg_copy_rows_s``, a ``copy`` child writing the same rows with ``copy_records_to_table``
   into the same tables (a scratch partition, dropped afterwards), one transaction per
   ``telemetry.batch_rows`` rows.
@@ -39,7 +42,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,6 +63,7 @@ from gateway.benchkit import (
 from gateway.config import mqtt_address
 from gateway.keys import KeyRing
 from gateway.logs import configure_logging
+from protocols import mqtt5
 from protocols.codec import encode
 from protocols.frames import Event, Reading, ReadingKind, Telemetry
 from protocols.topics import QOS, Channel, Topics
@@ -506,9 +510,10 @@ async def _raw_limit(
     prefix = f"{settings.topic_prefix}raw"
     topics = Topics(prefix)
     runs: dict[str, dict[str, Any]] = {}
-    for mode, topic_filter in (
-        ("live", topics.shared_filter(Channel.UP, "vendgate-raw")),
-        ("drain", topics.filter(Channel.UP)),
+    for mode, client, topic_filter in (
+        ("live", "gmqtt", topics.shared_filter(Channel.UP, "vendgate-raw")),
+        ("drain", "gmqtt", topics.filter(Channel.UP)),
+        ("drain_codec", "mqtt5", topics.filter(Channel.UP)),
     ):
         receiver = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -519,6 +524,7 @@ async def _raw_limit(
                 {
                     "broker": broker_url,
                     "mode": mode,
+                    "client": client,
                     "filter": topic_filter,
                     "expected": settings.messages,
                     "stall_s": settings.stall_s,
@@ -547,6 +553,7 @@ async def _raw_limit(
             "window_s": round(window, 3),
             "generator_mps": sent["publish_mps"],
             "filter": topic_filter,
+            "client": client,
         }
     rates = [r["mps"] for r in runs.values() if r["mps"] is not None]
     return {
@@ -777,6 +784,7 @@ def markdown(result: dict[str, Any]) -> str:
     )
     raw = limits.get("mqtt_raw") or {}
     live, drain = raw.get("live") or {}, raw.get("drain") or {}
+    codec = raw.get("drain_codec") or {}
     copy = limits.get("pg_copy") or {}
     verdict = "PASS" if result["passed"] else "FAIL"
     target = "met" if result["meets_target"] else "not met"
@@ -837,9 +845,10 @@ def markdown(result: dict[str, Any]) -> str:
         "| limit | value | our rate over it |",
         "|---|---|---|",
         (
-            "| MQTT raw ingest: one bare gmqtt client, same messages, the faster of live "
-            f"(`{live.get('filter')}` while the generator publishes: {live.get('mps')} msg/s) "
-            f"and drain (queued first, `{drain.get('filter')}`: {drain.get('mps')} msg/s) "
+            "| MQTT raw ingest: one bare client, same messages, the fastest of gmqtt live "
+            f"(`{live.get('filter')}` while the generator publishes: {live.get('mps')} msg/s), "
+            f"gmqtt drain (queued first, `{drain.get('filter')}`: {drain.get('mps')} msg/s) "
+            f"and protocols.mqtt5 drain ({codec.get('mps')} msg/s) "
             f"| {limits['mqtt_raw_ingest_mps']} msg/s "
             f"| {ratios['mps_over_mqtt_raw_ingest_mps']} |"
         ),
@@ -1031,16 +1040,86 @@ async def _publish_all(
     }
 
 
-async def _raw_main(args: dict[str, Any]) -> None:
-    """One bare gmqtt client: subscribe, count messages, acknowledge, nothing else.
+class _CodecReceiver(asyncio.Protocol):
+    """The cheapest receiver we have: protocols.mqtt5 on a bare transport, PUBACK at once."""
 
-    ``live``: stays connected; ``drain``: subscribes on a session that outlives the
-    connection, disconnects so the broker queues what is published, and comes back for it
-    on the command from stdin.
+    def __init__(self, on_message: Callable[[], None]) -> None:
+        self._reader = mqtt5.Reader()
+        self._on_message = on_message
+        self._transport: asyncio.Transport | None = None
+        self.acks: dict[type, asyncio.Future[Any]] = {}
+
+    def expect(self, kind: type) -> asyncio.Future[Any]:
+        future = self.acks[kind] = asyncio.get_running_loop().create_future()
+        return future
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        out: list[bytes] = []
+        on_message, publish, puback = self._on_message, mqtt5.Publish, mqtt5.puback
+        for packet in self._reader.feed(data):
+            if type(packet) is publish:
+                on_message()
+                if packet.qos:
+                    out.append(puback(packet.packet_id))
+            else:
+                future = self.acks.pop(type(packet), None)
+                if future is not None and not future.done():
+                    future.set_result(packet)
+        if out and self._transport is not None:
+            self._transport.write(b"".join(out))
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None  # noqa: S101
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def _codec_connect(
+    host: str,
+    port: int,
+    client_id: str,
+    *,
+    clean: bool,
+    expiry_s: int,
+    on_message: Callable[[], None],
+) -> _CodecReceiver:
+    receiver = _CodecReceiver(on_message)
+    await asyncio.get_running_loop().create_connection(lambda: receiver, host, port)
+    connack = receiver.expect(mqtt5.ConnAck)
+    receiver.send(
+        mqtt5.connect(
+            client_id,
+            clean_start=clean,
+            keepalive_s=60,
+            session_expiry_s=expiry_s,
+            receive_maximum=RECEIVE_MAXIMUM,
+        )
+    )
+    if (await asyncio.wait_for(connack, 30)).reason_code >= 0x80:
+        raise RuntimeError("the broker refused the raw receiver")
+    return receiver
+
+
+async def _raw_main(args: dict[str, Any]) -> None:
+    """One bare client: subscribe, count messages, acknowledge, nothing else.
+
+    ``client``: ``gmqtt``, or ``mqtt5`` (`_CodecReceiver`). ``live``: stays connected;
+    ``drain*``: subscribes on a session that outlives the connection, disconnects so the
+    broker queues what is published, and comes back for it on the command from stdin.
     """
+    if args["client"] == "mqtt5":
+        await _raw_codec_main(args)
+        return
     host, port = mqtt_address(args["broker"])
     expected: int = args["expected"]
-    drain = args["mode"] == "drain"
+    drain = args["mode"].startswith("drain")
     state = {"received": 0, "first": 0.0, "last": 0.0}
     done = asyncio.Event()
     subscribed = asyncio.Event()
@@ -1098,6 +1177,57 @@ async def _raw_main(args: dict[str, Any]) -> None:
     sys.stdout.flush()
     with contextlib.suppress(Exception):
         await client.disconnect()
+
+
+async def _raw_codec_main(args: dict[str, Any]) -> None:
+    """`_raw_main` with `_CodecReceiver`, in the drain mode only."""
+    host, port = mqtt_address(args["broker"])
+    expected: int = args["expected"]
+    state = {"received": 0, "first": 0.0, "last": 0.0}
+    done = asyncio.Event()
+    client_id = f"vg-bench-raw-{secrets.token_hex(3)}"
+
+    def on_message() -> None:
+        now = time.time()
+        if not state["received"]:
+            state["first"] = now
+        state["received"] += 1
+        state["last"] = now
+        if state["received"] >= expected:
+            done.set()
+
+    receiver = await _codec_connect(
+        host, port, client_id, clean=True, expiry_s=600, on_message=on_message
+    )
+    suback = receiver.expect(mqtt5.SubAck)
+    receiver.send(mqtt5.subscribe(1, [(args["filter"], mqtt5.subscription_options(1))]))
+    await asyncio.wait_for(suback, 30)
+    receiver.send(mqtt5.disconnect())
+    receiver.close()
+    sys.stdout.write(READY_MARK + "{}\n")
+    sys.stdout.flush()
+    await asyncio.to_thread(sys.stdin.readline)  # published and queued
+    connect_wall = time.time()
+    receiver = await _codec_connect(
+        host, port, client_id, clean=False, expiry_s=0, on_message=on_message
+    )
+    seen = -1
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=args["stall_s"])
+        if state["received"] == seen:
+            break
+        seen = int(state["received"])
+    result = {
+        "received": int(state["received"]),
+        "connect_wall": connect_wall,
+        "first_wall": state["first"],
+        "last_wall": state["last"],
+    }
+    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    receiver.send(mqtt5.disconnect())
+    receiver.close()
 
 
 async def _copy_main(args: dict[str, Any]) -> None:

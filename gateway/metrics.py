@@ -5,9 +5,42 @@ Labels never carry unbounded values such as vend or machine ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class CountsByLabel(Collector):
+    """A Prometheus counter with one label whose values are plain ints in `counts`.
+
+    For the hot path: ``counts[label] = counts.get(label, 0) + 1`` costs a tenth of
+    ``Counter.labels(label).inc()``, which takes a lock (measured in the telemetry profile).
+    Single-threaded use only, as everything on the event loop is.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, label: str, registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self.counts: dict[str, int] = {}
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        """Name the metric without values, for the registry's duplicate check."""
+        return [CounterMetricFamily(self._name, self._documentation, labels=[self._label])]
+
+    def collect(self) -> Iterator[Metric]:
+        """Return one sample per label value seen."""
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, count in sorted(self.counts.items()):
+            family.add_metric([value], count)
+        yield family
 
 
 class VendMetrics:
@@ -47,11 +80,8 @@ class VendMetrics:
             ["kind"],
             registry=registry,
         )
-        self.uplink_frames = Counter(
-            "vendgate_uplink_frames",
-            "Uplink frames accepted, by type.",
-            ["type"],
-            registry=registry,
+        self.uplink_frames = CountsByLabel(
+            "vendgate_uplink_frames", "Uplink frames accepted, by type.", "type", registry
         )
         self.acks = Counter(
             "vendgate_vend_acks", "VendAck frames received, by code.", ["code"], registry=registry

@@ -1,59 +1,61 @@
-"""The gateway's MQTT 5 link: the only module that imports gmqtt.
+"""The gateway's MQTT 5 link: a self-healing connection that acknowledges after handling.
 
-`MqttLink` connects, subscribes, hands every message to one async handler, acknowledges a
-QoS 1 message only when the handler has returned, and reconnects by itself. Everything gmqtt
-does is hidden behind it, so the client library can be swapped without touching callers.
+`MqttLink` connects, subscribes, hands every message to one handler, acknowledges a QoS 1
+message only when the handler is done with it, and reconnects by itself. The wire format is
+`protocols.mqtt5` (sans-I/O); this module is its only driver in the gateway, so the client
+can be swapped without touching callers.
 
-How it uses gmqtt (0.8), and why:
+Why not gmqtt, which this module used before: receiving is the gateway's hot path (telemetry
+arrives at tens of thousands of messages a second), and gmqtt spends a task, a properties
+parse and a done-callback on every PUBLISH before the handler sees it. Here one socket read is
+parsed in one call (`mqtt5.Reader.feed`) and its messages are handled in a loop: a handler
+that finishes at once, or hands back a future, costs no task at all. benchmarks/mqtt_link.py
+measures both receivers in one run (docs in README, figures in benchmarks/RESULTS.md).
 
-* One gmqtt ``Client`` per network connection. gmqtt's own reconnect is switched off
-  (`_OneConnectionClient.reconnect`); `MqttLink` reconnects with a fresh client and its own
-  jittered backoff. A PUBACK can then only ever be written to the connection its PUBLISH came
-  on: the broker redelivers what a dead connection left unacknowledged (MQTT 5 §4.4), and a
-  late PUBACK cannot acknowledge the redelivered copy before it has been handled.
-* ``optimistic_acknowledgement=False`` with an async ``on_message``: gmqtt sends the PUBACK,
-  with the reason code ``on_message`` returns, once that coroutine has finished.
-* gmqtt does not say when a PUBLISH of ours is acknowledged. It keeps unacknowledged packets
-  in a pluggable store and removes them on PUBACK; `_PubackWaiters` is that store, with a
-  future per packet id. (gmqtt ignores the PUBACK reason code, so a refusal such as 0x87
-  "not authorized" is indistinguishable from success here.)
-* Per message, the only task is the one gmqtt creates for ``on_message``: the handler runs in
-  it, and the link never cancels it while its connection is open (see `MqttLink._receive`).
-  Outgoing packets go through `_WriteBuffer`, one ``transport.write`` per loop iteration.
+The handler is called as ``handler(topic, payload)`` and returns one of:
+
+* ``None``: done; the message is acknowledged now (one PUBACK per message, but all the
+  PUBACKs of one loop iteration go out in one ``transport.write``);
+* an ``asyncio.Future``: acknowledged when it completes with a result (the telemetry ingest
+  returns one that completes at commit: no task per message);
+* any other awaitable, such as the coroutine an ``async def`` handler returns: it runs in a
+  task of its own, and the message is acknowledged when it returns.
+
+An exception, raised at once or from the awaitable, is handled as `MqttLink` describes.
+
+One connection at a time, each with its own `_Connection`: a PUBACK can then only ever be
+written to the connection its PUBLISH came on; the broker redelivers what a dead connection
+left unacknowledged (MQTT 5 §4.4), and a late PUBACK cannot acknowledge the redelivered copy
+before it has been handled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import enum
 import functools
 import random
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import gmqtt
-from gmqtt.mqtt.constants import MQTTv50
-
 from gateway.errors import BrokerUnavailableError, ConfigError, GatewayError, ShuttingDownError
 from gateway.logs import get_logger
+from protocols import mqtt5
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 __all__ = ["MessageHandler", "MqttLink", "MqttSettings"]
 
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
-"""Called with (topic, payload) for every message; the topic is the real one, not a filter."""
+MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
+"""Called with (topic, payload) for every message; the topic is the real one, not a filter.
+Returns None when done, or an awaitable to wait for (see the module docstring)."""
 
-_PUBACK_SUCCESS: Final = 0
 # MQTT 5 §3.2.2.2: CONNACK refusals that retrying with the same settings cannot fix (bad
-# credentials, not authorised, banned, malformed, unsupported...). Same list as gmqtt's.
+# credentials, not authorised, banned, malformed, unsupported...).
 _PERMANENT_CONNACK_CODES: Final = frozenset(
     {0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B, 0x9C, 0x9D}
 )
@@ -67,9 +69,10 @@ _RETAIN_IF_NEW: Final = 1
 _RETAIN_ALWAYS: Final = 0
 _SHARED_PREFIX: Final = "$share/"
 _CLOSE_TIMEOUT_S: Final = 2.0
-# Called only inside gmqtt's tasks, where it never returns None.
-_current_task: Final[Callable[[], asyncio.Task[Any]]] = asyncio.current_task  # type: ignore[assignment]
 _MAX_EXPONENT: Final = 30
+_PACKET_IDS: Final = 0xFFFF
+_PUBACK: Final = mqtt5.puback
+_PUBLISH: Final = mqtt5.Publish
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,12 @@ class MqttSettings:
     # At most this many handlers start in one event-loop iteration. A burst of thousands of
     # messages (a broker restart: every machine reconnecting, the retained presence of the
     # fleet replayed) arrives in a few socket reads; started all at once they would make each
-    # iteration last a second, and every HTTP request needs several iterations.
+    # iteration last a second, and every HTTP request needs several iterations. The rest wait
+    # in the connection's inbox, with reading paused so that TCP holds the broker back.
     handlers_per_iteration: int = 64
+    # The largest packet we accept, announced in CONNECT (MQTT 5 §3.1.2.11.4): the broker
+    # drops bigger messages for us instead of sending them.
+    max_packet_size: int = mqtt5.DEFAULT_MAX_PACKET
 
 
 class _End(enum.Enum):
@@ -113,43 +120,150 @@ class _End(enum.Enum):
     SHUTDOWN = "shutdown"  # the link is closing
 
 
-def _as_int(value: Any) -> int:  # noqa: ANN401 -- gmqtt hands out untyped values
-    # gmqtt's property values come as one-element lists; flags come as plain ints.
-    if isinstance(value, list | tuple):
-        value = value[0]
-    return int(value)
+class _ConnectRefusedError(Exception):
+    """CONNACK with a reason code of 0x80 or more (MQTT 5 §3.2.2.2)."""
+
+    def __init__(self, code: int, reason: str | None) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        detail = f": {self.reason}" if self.reason else ""
+        return f"CONNACK reason {mqtt5.reason_name(self.code)}{detail}"
 
 
-class _WriteBuffer:
-    """Sends what gmqtt writes during one event-loop iteration with one ``transport.write``.
+class _PublishRefusedError(Exception):
+    """PUBACK with a reason code of 0x80 or more (MQTT 5 §3.4.2.1)."""
 
-    gmqtt writes every packet as soon as it is built; with ``optimistic_acknowledgement=False``
-    each PUBACK is a write, hence a ``send`` system call, of its own. This replaces the
-    protocol's ``write_data``, through which gmqtt 0.8 writes every packet (the one other
-    path, ``MQTTConnection.send_package``, replays stored QoS packets, of which
-    `_PubackWaiters` never has any): packets are kept in order and sent together from a
-    ``call_soon`` callback. ``MQTTConnection.close`` is wrapped to send them first, so the
-    DISCONNECT written just before it, and anything before that, still go out. What is
-    written once the transport is closing is dropped, as gmqtt does (without its warning:
-    a late PUBACK on a closed connection is expected here, see `MqttLink._receive`).
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Connection(asyncio.Protocol):
+    """One network connection to the broker: the transport, the codec and the inbox.
+
+    Bytes are parsed as they arrive; control packets are dealt with at once, PUBLISH packets
+    go to ``inbox`` for the link to start (`MqttLink._pump`). What is written during one
+    loop iteration goes out in one ``transport.write``.
     """
 
-    __slots__ = ("_chunks", "_connection", "_loop", "_transport")
-
-    def __init__(self, connection: Any) -> None:  # noqa: ANN401 -- gmqtt's MQTTConnection
-        self._connection = connection
-        # gmqtt 0.8 internals (the dependency is pinned below 0.9).
-        self._transport: asyncio.Transport = connection._transport  # noqa: SLF001
+    def __init__(
+        self,
+        settings: MqttSettings,
+        pump: Callable[[_Connection], None],
+        log: FilteringBoundLogger,
+        *,
+        clean_start: bool,
+    ) -> None:
+        self._settings = settings
+        self._pump = pump
+        self._log = log
+        self._clean_start = clean_start
         self._loop = asyncio.get_running_loop()
+        self._reader = mqtt5.Reader(settings.max_packet_size)
+        self._transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
-        connection._protocol.write_data = self.write  # noqa: SLF001
-        close = connection.close
+        self._last_in = self._last_out = 0.0
+        self._keepalive_s = float(settings.keepalive_s)
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._connack: asyncio.Future[mqtt5.ConnAck] = self._loop.create_future()
+        self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
+        # Our QoS 1 PUBLISH packets awaiting their PUBACK, by packet id.
+        self._outstanding: dict[int, asyncio.Future[bool]] = {}
+        self._send_quota = _PACKET_IDS  # the broker's Receive Maximum, from CONNACK
+        self._next_id = 0
+        self._released = asyncio.Event()
+        self._lost = asyncio.Event()
+        # Messages received and not yet started, in arrival order.
+        self.inbox: deque[mqtt5.Publish] = deque()
+        self.reading_paused = False
+        # Whether new messages may start handlers; once retiring they stay unacknowledged.
+        self.accepting = True
+        # Tasks running an awaitable handler; cancelled once the connection is closed.
+        self.handling: set[asyncio.Task[None]] = set()
+        self.running = 0  # handlers started and not yet done (tasks and futures)
+        # The future the last message's handler returned, and the messages waiting for it.
+        self.last_future: asyncio.Future[Any] | None = None
+        self.last_group: list[tuple[str, int, int]] = []
+        self.drained: asyncio.Future[None] | None = None  # set when `running` drops to 0
+        self.session_present = False
+        self.unacked = 0  # QoS 1 messages received and not yet acknowledged
+        self.overrun_logged = False
+        self.ended = asyncio.Event()
+        self.end_reason = _End.LOST
+        self.closed = asyncio.Event()
 
-        async def close_after_flush() -> None:
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101  (a stream connection)
+        self._transport = transport
+        self._last_in = self._loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_in = self._loop.time()
+        try:
+            packets = self._reader.feed(data)
+        except mqtt5.MqttProtocolError as exc:
+            self._log.error("mqtt.protocol_violation", error=str(exc), reason=exc.reason_code)
+            self.write(mqtt5.disconnect(exc.reason_code))
             self.flush()
-            await close()
+            self.abort()
+            return
+        publish = _PUBLISH
+        inbox = self.inbox
+        for packet in packets:
+            if type(packet) is publish:
+                if self.accepting:
+                    inbox.append(packet)
+                # Otherwise left unacknowledged: the broker delivers it again.
+            else:
+                self._control(packet)
+        if inbox:
+            self._pump(self)
 
-        connection.close = close_after_flush
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost.set()
+        self.end(_End.LOST)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        error = ConnectionError(f"connection lost: {exc!r}" if exc else "connection closed")
+        if not self._connack.done():
+            self._connack.set_exception(error)
+        for suback in self._subacks.values():
+            if not suback.done():
+                suback.set_exception(error)
+        self._subacks.clear()
+        self.release_all()
+
+    def _control(self, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PubAck):
+            future = self._outstanding.pop(packet.packet_id, None)
+            if future is not None and not future.done():
+                if packet.reason_code >= 0x80:
+                    future.set_exception(_PublishRefusedError(packet.reason_code))
+                else:
+                    future.set_result(True)
+            self._released.set()
+        elif isinstance(packet, mqtt5.SubAck):
+            suback = self._subacks.pop(packet.packet_id, None)
+            if suback is not None and not suback.done():
+                suback.set_result(packet.reason_codes)
+        elif isinstance(packet, mqtt5.ConnAck):
+            if not self._connack.done():
+                self._connack.set_result(packet)
+        elif isinstance(packet, mqtt5.Disconnect):
+            self._log.warning(
+                "mqtt.disconnected_by_broker",
+                reason=mqtt5.reason_name(packet.reason_code),
+                detail=packet.reason_string,
+            )
+            self.abort()
+        # PINGRESP: its arrival has already moved _last_in.
+
+    # --- writing ---
 
     def write(self, data: bytes) -> None:
         chunks = self._chunks
@@ -163,187 +277,93 @@ class _WriteBuffer:
             return
         data = b"".join(chunks)
         chunks.clear()
-        # Read by gmqtt's keepalive timer: a PINGREQ is due only after a quiet spell.
-        self._connection._last_data_out = time.monotonic()  # noqa: SLF001
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        # What is written once the transport is closing is dropped: a late PUBACK on a
+        # closed connection is expected (see MqttLink._retire).
+        if transport is not None and not transport.is_closing():
+            self._last_out = self._loop.time()
+            transport.write(data)
 
+    def ack(self, packet_id: int) -> None:
+        """Acknowledge a QoS 1 message (PUBACK, reason 0)."""
+        self.unacked -= 1
+        if not self.closed.is_set():
+            self.write(_PUBACK(packet_id))
 
-class _OneConnectionClient(gmqtt.Client):  # type: ignore[misc] # gmqtt ships no types
-    """A gmqtt client used for exactly one network connection."""
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
-    async def reconnect(self, delay: bool = False) -> None:  # noqa: ARG002
-        # gmqtt schedules this itself on connection loss and on retryable CONNACK refusals.
-        # Doing nothing leaves reconnecting to MqttLink, which needs a fresh connection (and
-        # a fresh client) each time; two reconnect loops would take the session from each
-        # other. (stop_reconnect() is not enough: it still allows one attempt.)
-        return
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self._transport is not None:
+            self.reading_paused = True
+            self._transport.pause_reading()
 
-    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        # Called by connect() (and by reconnect(), which does nothing here) before the
-        # CONNECT packet is written: every packet of the connection goes through the buffer.
-        connection = await super()._create_connection(*args, **kwargs)
-        _WriteBuffer(connection)
-        return connection
+    def resume_reading(self) -> None:
+        if self.reading_paused and self._transport is not None:
+            self.reading_paused = False
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
 
-
-class _PubackWaiters:
-    """gmqtt's store of unacknowledged outgoing PUBLISH packets, resolving a future on PUBACK.
-
-    gmqtt calls `push_message` synchronously inside ``Client.publish`` and
-    `remove_message_by_mid` on PUBACK. It would replay stored packets after a reconnect;
-    a client here never reconnects, and publishers re-send on the next connection instead.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[int, asyncio.Future[bool]] = {}
-        self._last: asyncio.Future[bool] | None = None
-        self._released = asyncio.Event()
-        self._empty = asyncio.Event()
-        self._empty.set()
-
-    # --- the interface gmqtt's Client uses ---
-
-    def push_message(self, mid: int, raw_package: bytes) -> None:  # noqa: ARG002
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting[mid] = future
-        self._last = future
-        self._empty.clear()
-
-    def remove_message_by_mid(self, mid: int) -> None:
-        future = self._waiting.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(True)
-        self._released.set()
-        if not self._waiting:
-            self._empty.set()
-
-    @property
-    def is_empty(self) -> bool:
-        return not self._waiting
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
-
-    def clear(self) -> None:
-        self.release_all()
-
-    def get_all(self) -> list[tuple[int, bytes]]:
-        return []
-
-    # --- for MqttLink ---
-
-    def take_last(self) -> asyncio.Future[bool]:
-        """Return the future of the packet the last ``Client.publish`` stored."""
-        future, self._last = self._last, None
-        if future is None:
-            raise RuntimeError("gmqtt did not store the QoS 1 packet it sent")
-        return future
-
-    async def wait_released(self) -> None:
-        """Wait until a packet id is freed (a PUBACK arrives, or the connection ends)."""
-        self._released.clear()
-        await self._released.wait()
-
-    def release_all(self) -> None:
-        """Resolve every waiter with False: the connection is gone, publish again elsewhere."""
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_result(False)
-        self._released.set()
-        self._empty.set()
-
-
-_Receive = Callable[
-    ["_Connection", object, str | bytes, bytes, int, object], Coroutine[Any, Any, int]
-]
-
-
-class _Connection:
-    """One network connection to the broker, on its own single-use gmqtt client."""
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        receive: _Receive,
-        log: FilteringBoundLogger,
-        *,
-        clean_start: bool,
-    ) -> None:
-        self.acks = _PubackWaiters()
-        # Whether new messages may start handlers; once retiring they stay unacknowledged.
-        self.accepting = True
-        # gmqtt's tasks now running the handler. At most one connection at a time has any
-        # (a connection is retired before the next one is opened), so `running` is also the
-        # link's count of handlers in flight, kept at or below receive_maximum.
-        self.handling: set[asyncio.Task[Any]] = set()
-        self.running = 0  # handlers running, plus slots handed to a waiter not yet started
-        self.slot_waiters: deque[asyncio.Future[bool]] = deque()
-        self.drained: asyncio.Future[None] | None = None  # set when `running` drops to 0
-        self.session_present = False
-        self.unacked = 0  # QoS 1 messages received and not yet acknowledged
-        self.overrun_logged = False
-        self.ended = asyncio.Event()
-        self.end_reason = _End.LOST
-        self.closed = asyncio.Event()
-        self._log = log
-        self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
-        self._client: Any = _OneConnectionClient(
-            settings.client_id,
-            clean_session=clean_start,
-            optimistic_acknowledgement=False,
-            persistent_storage=self.acks,
-            # CONNECT properties (MQTT 5 §3.1.2.11).
-            session_expiry_interval=settings.session_expiry_s,
-            receive_maximum=settings.receive_maximum,
-        )
-        if settings.username is not None:
-            self._client.set_auth_credentials(settings.username, settings.password)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        # gmqtt calls it as receive(self, client, topic, payload, qos, properties) and runs
-        # the coroutine in a task of its own, which writes the PUBACK once it has returned.
-        self._client.on_message = functools.partial(receive, self)
+    # --- the session ---
 
     async def open(
-        self,
-        settings: MqttSettings,
-        subscriptions: Sequence[tuple[str, int]],
-        *,
-        replay_retained: bool = True,
+        self, subscriptions: Sequence[tuple[str, int]], *, replay_retained: bool = True
     ) -> None:
-        """Connect and subscribe; raises OSError, TimeoutError or gmqtt.MQTTConnectError."""
-        await self._client.connect(
-            settings.host, settings.port, keepalive=settings.keepalive_s, version=MQTTv50
+        """Connect and subscribe; raises OSError, TimeoutError or _ConnectRefusedError."""
+        settings = self._settings
+        await self._loop.create_connection(lambda: self, settings.host, settings.port)
+        self.write(
+            mqtt5.connect(
+                settings.client_id,
+                clean_start=self._clean_start,
+                keepalive_s=settings.keepalive_s,
+                session_expiry_s=settings.session_expiry_s,
+                receive_maximum=settings.receive_maximum,
+                max_packet_size=settings.max_packet_size,
+                username=settings.username,
+                password=settings.password,
+            )
         )
+        connack = await self._connack
+        if connack.reason_code >= 0x80:
+            raise _ConnectRefusedError(connack.reason_code, connack.reason_string)
+        self.session_present = connack.session_present
+        self._send_quota = connack.receive_maximum
+        keepalive = connack.server_keep_alive
+        if keepalive is not None:
+            self._keepalive_s = float(keepalive)
+        if self._keepalive_s:
+            self._keepalive = self._loop.call_later(self._keepalive_s / 2, self._tick)
         if not subscriptions:
             return
-        if self.ended.is_set():
-            raise ConnectionError("connection lost before SUBSCRIBE")
         # Subscribe on every connection, not only when the broker lost the session
         # (session_present = 0): it costs one round trip, picks up filters added since the
         # session was created, and Mosquitto 2.0.11 restores sessions after a restart but
         # not their shared subscriptions (measured: session_present = 1, yet messages
-        # published before we subscribe again are dropped). Shared filters
-        # ("$share/group/...", MQTT 5 §4.8.2) go through gmqtt unchanged.
-        mid = self._client.subscribe(
-            [
-                gmqtt.Subscription(
-                    topic,
-                    qos=qos,
-                    retain_handling_options=(
-                        _RETAIN_ALWAYS
-                        if replay_retained and not topic.startswith(_SHARED_PREFIX)
-                        else _RETAIN_IF_NEW
-                    ),
-                )
-                for topic, qos in subscriptions
-            ]
+        # published before we subscribe again are dropped).
+        packet_id = self._allocate_id()
+        suback: asyncio.Future[tuple[int, ...]] = self._loop.create_future()
+        self._subacks[packet_id] = suback
+        self.write(
+            mqtt5.subscribe(
+                packet_id,
+                [
+                    (
+                        topic,
+                        mqtt5.subscription_options(
+                            qos,
+                            retain_handling=(
+                                _RETAIN_ALWAYS
+                                if replay_retained and not topic.startswith(_SHARED_PREFIX)
+                                else _RETAIN_IF_NEW
+                            ),
+                        ),
+                    )
+                    for topic, qos in subscriptions
+                ],
+            )
         )
-        suback: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
-        self._subacks[_as_int(mid)] = suback
         codes = await suback
         refused = [
             (topic, code)
@@ -353,6 +373,26 @@ class _Connection:
         if refused:
             raise _SubscriptionRefusedError(refused)
 
+    def _tick(self) -> None:
+        """Keep alive (MQTT 5 §3.1.2.10): ping when quiet, give up on a silent broker."""
+        now = self._loop.time()
+        period = self._keepalive_s
+        if now - self._last_in > period * 1.5:
+            self._log.warning("mqtt.keepalive_timeout", silent_s=round(now - self._last_in, 1))
+            self.abort()
+            return
+        if now - self._last_out >= period / 2:
+            self.write(mqtt5.pingreq())
+        self._keepalive = self._loop.call_later(period / 2, self._tick)
+
+    def _allocate_id(self) -> int:
+        in_use = self._outstanding.keys() | self._subacks.keys()
+        for _ in range(_PACKET_IDS):
+            self._next_id = self._next_id % _PACKET_IDS + 1
+            if self._next_id not in in_use:
+                return self._next_id
+        raise OverflowError("every packet id is in use")
+
     def usable(self) -> bool:
         """Whether publishing on this connection can still work."""
         return not self.closed.is_set() and not (
@@ -360,31 +400,9 @@ class _Connection:
         )
 
     def stop_accepting(self) -> None:
-        """Start no more handlers; messages waiting for a slot stay unacknowledged."""
+        """Start no more handlers; messages not yet started stay unacknowledged."""
         self.accepting = False
-        waiters, self.slot_waiters = self.slot_waiters, deque()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(False)
-
-    def take_slot(self, cap: int) -> bool:
-        """Count one more handler running if accepting and below `cap`; say whether."""
-        if self.accepting and self.running < cap:
-            self.running += 1
-            return True
-        return False
-
-    def release_slot(self) -> None:
-        """Pass the slot of a handler that is done (or of an unused one) on, or free it."""
-        waiters = self.slot_waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():  # not cancelled
-                waiter.set_result(True)  # `running` stays: the slot changes hands
-                return
-        self.running -= 1
-        if not self.running and self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
+        self.inbox.clear()
 
     def end(self, reason: _End) -> None:
         if not self.ended.is_set():
@@ -393,48 +411,69 @@ class _Connection:
 
     async def close(self) -> None:
         """Disconnect (the session stays, MQTT 5 §3.1.2.11.2) and close the socket."""
+        transport = self._transport
         try:
-            # A lost connection has no socket left to write a DISCONNECT to.
-            if not (self.ended.is_set() and self.end_reason is _End.LOST):
+            if transport is not None and not self._lost.is_set():
+                self.write(mqtt5.disconnect())
+                self.flush()
+                transport.close()
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
-                    await self._client.disconnect()
-        except (OSError, TimeoutError) as exc:
-            self._log.debug("mqtt.close_failed", error=repr(exc))
+                    await self._lost.wait()
+        except TimeoutError:
+            self._log.debug("mqtt.close_timed_out")
+            self.abort()
         finally:
-            self.acks.release_all()
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+            self.release_all()
             self.closed.set()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, *, retain: bool, properties: dict[str, int]
+        self, topic: str, payload: bytes, qos: int, *, retain: bool, message_expiry_s: int | None
     ) -> asyncio.Future[bool] | None:
         """Write a PUBLISH; for QoS 1 return a future that says whether it was acknowledged.
 
-        Raises OverflowError when every packet id is in use: gmqtt sizes its id pool from the
-        broker's Receive Maximum (MQTT 5 §4.9), which caps our QoS 1 messages awaiting PUBACK.
+        Raises OverflowError when the broker's Receive Maximum (MQTT 5 §4.9) of our QoS 1
+        messages are awaiting their PUBACK.
         """
         if not self.usable():
-            gone: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            gone: asyncio.Future[bool] = self._loop.create_future()
             gone.set_result(False)
             return gone
-        self._client.publish(topic, payload, qos=qos, retain=retain, **properties)
-        return self.acks.take_last() if qos else None
+        if not qos:
+            self.write(
+                mqtt5.publish(topic, payload, retain=retain, message_expiry_s=message_expiry_s)
+            )
+            return None
+        if len(self._outstanding) >= self._send_quota:
+            raise OverflowError("the broker's receive maximum is reached")
+        packet_id = self._allocate_id()
+        future: asyncio.Future[bool] = self._loop.create_future()
+        self._outstanding[packet_id] = future
+        self.write(
+            mqtt5.publish(
+                topic,
+                payload,
+                qos=1,
+                packet_id=packet_id,
+                retain=retain,
+                message_expiry_s=message_expiry_s,
+            )
+        )
+        return future
 
-    # --- gmqtt callbacks: the first argument is the client ---
+    async def wait_released(self) -> None:
+        """Wait until a packet id is freed (a PUBACK arrives, or the connection ends)."""
+        self._released.clear()
+        await self._released.wait()
 
-    def _on_connect(self, _client: object, flags: object, _rc: object, _props: object) -> None:
-        self.session_present = bool(_as_int(flags))
-
-    def _on_disconnect(self, _client: object, _packet: object, _exc: object = None) -> None:
-        self.end(_End.LOST)
-        for future in self._subacks.values():
+    def release_all(self) -> None:
+        """Resolve every waiter with False: the connection is gone, publish again elsewhere."""
+        waiting, self._outstanding = self._outstanding, {}
+        for future in waiting.values():
             if not future.done():
-                future.set_exception(ConnectionError("connection lost before SUBACK"))
-        self._subacks.clear()
-
-    def _on_subscribe(self, _client: object, mid: object, codes: object, _props: object) -> None:
-        future = self._subacks.pop(_as_int(mid), None)
-        if future is not None and not future.done() and isinstance(codes, tuple | list):
-            future.set_result(tuple(int(code) for code in codes))
+                future.set_result(False)
+        self._released.set()
 
 
 class _SubscriptionRefusedError(Exception):
@@ -443,14 +482,17 @@ class _SubscriptionRefusedError(Exception):
         self.refused = refused
 
     def __str__(self) -> str:
-        return ", ".join(f"{topic!r} (reason 0x{code:02x})" for topic, code in self.refused)
+        return ", ".join(
+            f"{topic!r} (reason {mqtt5.reason_name(code)})" for topic, code in self.refused
+        )
 
 
 class MqttLink:
     """A self-healing MQTT 5 connection that acknowledges messages after handling them.
 
     Use as ``async with MqttLink(settings, handler, subscriptions) as link``. A QoS 1
-    message is acknowledged when ``handler`` returns, or when it raises an error that is not
+    message is acknowledged when ``handler`` is done with it (module docstring: it returned
+    None, or what it returned has completed), or when it raises an error that is not
     retriable (logged and counted: retrying cannot help, and an unacknowledged message holds
     a slot of the receive window). A `GatewayError` with ``retriable = True`` leaves the
     message unacknowledged and makes the link reconnect after a backoff, so that the broker
@@ -461,7 +503,11 @@ class MqttLink:
     handler is done, so the broker's window bounds the handlers in flight. Mosquitto 2.0
     overshoots that window once PUBACKs start flowing (eclipse-mosquitto/mosquitto#2301;
     measured here: 345 in flight for a window of 5), so the link also caps running handlers
-    at ``receive_maximum`` itself; messages beyond the cap wait, unacknowledged, for a slot.
+    at ``receive_maximum`` itself; messages beyond the cap wait, unacknowledged, in the
+    connection's inbox, and reading pauses until a handler is done.
+
+    Messages start in the order they arrived, at most ``handlers_per_iteration`` per loop
+    iteration.
 
     When a connection ends, its handlers get drain_timeout_s to finish; the connection is
     then closed and the handlers still running are cancelled. Their messages are not
@@ -509,18 +555,10 @@ class MqttLink:
         self._supervisor: asyncio.Task[None] | None = None
         self._interruptible = False  # the supervisor is backing off or connecting
         self._ready: asyncio.Future[None] | None = None
-        # gmqtt runs each on_message in a task of its own and keeps no reference to it:
-        # how many are inside `_receive`, and a future for close to wait on them.
-        self._inside = 0
-        self._all_returned: asyncio.Future[None] | None = None
         # Admission of handlers per loop iteration (MqttSettings.handlers_per_iteration).
         self._per_iteration = settings.handlers_per_iteration
         self._admitted = 0
         self._iteration_scheduled = False
-        self._admission: collections.deque[asyncio.Future[None]] = collections.deque()
-        # Admitted from the queue but not yet resumed: later arrivals must not overtake them
-        # (messages start in the order they arrived).
-        self._woken = 0
         self._subscribed = False  # a first connection has subscribed (Retain Handling above)
 
     @property
@@ -592,171 +630,180 @@ class MqttLink:
         """
         if qos not in (0, 1):
             raise ValueError(f"QoS must be 0 or 1, not {qos}")
-        properties: dict[str, int] = {}
-        if message_expiry_s is not None:
-            # MQTT 5 §3.3.2.3.3: the broker drops the message once this many seconds have
-            # passed without delivering it (SPEC §3.5: a Vend's time left to its deadline).
-            properties["message_expiry_interval"] = message_expiry_s
+        # message_expiry_s, MQTT 5 §3.3.2.3.3: the broker drops the message once this many
+        # seconds have passed without delivering it (SPEC §3.5: a Vend's time left to its
+        # deadline).
         deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout_s
         while True:
             conn = await self._connection(deadline)
             try:
-                acked = conn.publish(topic, payload, qos, retain=retain, properties=properties)
+                acked = conn.publish(
+                    topic, payload, qos, retain=retain, message_expiry_s=message_expiry_s
+                )
             except OverflowError:
-                await self._before(deadline, conn.acks.wait_released(), "free packet id")
+                await self._before(deadline, conn.wait_released(), "free packet id")
                 continue
-            if acked is None or await self._before(deadline, acked, "PUBACK"):
-                self._counts["published"] += 1
-                return
+            try:
+                if acked is None or await self._before(deadline, acked, "PUBACK"):
+                    self._counts["published"] += 1
+                    return
+            except _PublishRefusedError as exc:
+                raise BrokerUnavailableError(
+                    f"{self.settings.host}:{self.settings.port} refused a message to "
+                    f"{topic!r} (PUBACK reason {mqtt5.reason_name(exc.code)})"
+                ) from None
             # The connection ended before the PUBACK: send it again on the next one.
 
     # --- receiving ---
 
-    # One coroutine on purpose: every coroutine or call more is paid on every message.
-    async def _receive(  # noqa: PLR0912, PLR0915
-        self,
-        conn: _Connection,
-        _client: object,
-        topic: str | bytes,
-        payload: bytes,
-        qos: int,
-        _props: object,
-    ) -> int:
-        """Run the handler for one message; return the PUBACK reason code for gmqtt.
+    def _pump(self, conn: _Connection) -> None:
+        """Start the inbox's messages, in order, as far as the iteration budget and cap allow.
 
-        This is the hot path (thousands of messages a second): it runs in the task gmqtt
-        creates for the message, and costs no other task, lock or callback when the
-        handler has a free slot. gmqtt writes a PUBACK whenever this returns (for QoS 1),
-        and calls ``result()`` in a done-callback, so it must neither raise nor end
-        cancelled: an exception there ends up in the event loop's exception handler.
+        Called when a read adds messages, when a handler is done (a slot is free) and once
+        per loop iteration while messages wait. Reading is paused while any wait, so that an
+        overloaded gateway holds the broker back through TCP instead of buffering here.
         """
+        inbox = conn.inbox
+        cap = self._receive_maximum
+        budget = self._per_iteration - self._admitted
+        started = 0
+        start = self._start
+        while inbox and started < budget and conn.running < cap and conn.accepting:
+            topic, payload, qos, packet_id, _, _ = inbox.popleft()
+            started += 1
+            start(conn, topic, payload, qos, packet_id)
+        if started:
+            self._admitted += started
+            if not self._iteration_scheduled:
+                self._iteration_scheduled = True
+                asyncio.get_running_loop().call_soon(self._new_iteration, conn)
+        if inbox:
+            conn.pause_reading()
+        elif conn.reading_paused:
+            conn.resume_reading()
+
+    def _new_iteration(self, conn: _Connection) -> None:
+        self._iteration_scheduled = False
+        self._admitted = 0
+        if conn.inbox:
+            self._pump(conn)
+
+    # One method on purpose: every call more is paid on every message.
+    def _start(
+        self, conn: _Connection, topic: str, payload: bytes, qos: int, packet_id: int
+    ) -> None:
+        """Run the handler for one message: acknowledge it now, or when it is done."""
         self._received += 1
-        self._inside += 1
         if qos:
             conn.unacked += 1
             if conn.unacked > self._receive_maximum:
                 self._note_overrun(conn)
         try:
-            if self._admitted < self._per_iteration and not self._admission and not self._woken:
-                self._admitted += 1
-                if not self._iteration_scheduled:
-                    self._next_iteration()
-            else:
-                await self._admitted_later()
-            if conn.take_slot(self._receive_maximum) or (
-                conn.accepting and await self._wait_for_slot(conn)
-            ):
-                if isinstance(topic, bytes):  # gmqtt passes bytes when not valid UTF-8
-                    topic = topic.decode("utf-8", errors="replace")
-                # Unnamed (gmqtt names it "Task-N"; its coroutine, MqttLink._receive, shows
-                # in a task dump): renaming it would cost a call per message.
-                task = _current_task()
-                handling = conn.handling
-                handling.add(task)
-                try:
-                    await self._handler(topic, payload)
-                except asyncio.CancelledError:
-                    # The link cancels a handler only once its connection is closed (see
-                    # _retire), so that no PUBACK for it can reach the broker. Not
-                    # re-raised: gmqtt's task must end normally (see above), and it does
-                    # right away, the PUBACK it then writes going nowhere.
-                    if not conn.closed.is_set():
-                        raise
-                    task.uncancel()
-                    acked = False
-                except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
-                    acked = self._handler_failed(conn, topic, qos, exc)
-                else:
-                    self._handled += 1
-                    self._retriable_streak = 0
-                    acked = True
-                finally:
-                    handling.discard(task)
-                    if conn.slot_waiters or conn.drained is not None:
-                        conn.release_slot()
-                    else:
-                        conn.running -= 1
-                if acked:
-                    return _PUBACK_SUCCESS
-            if qos == 0:
-                return _PUBACK_SUCCESS  # nothing to acknowledge; gmqtt ignores the result
-            # Leave it unacknowledged. An error reason code in the PUBACK would not do: it
-            # still completes the QoS 1 flow and the broker drops the message (checked with
-            # Mosquitto 2.0). Without a PUBACK the broker redelivers it on the next
-            # connection of this session (MQTT 5 §4.4); meanwhile it holds one slot of our
-            # Receive Maximum. Return only once the connection is closed, when gmqtt's
-            # write goes nowhere (_WriteBuffer drops it).
-            await conn.closed.wait()
-            return _PUBACK_SUCCESS
-        finally:
+            outcome = self._handler(topic, payload)
+        except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
+            if self._handler_failed(conn, topic, qos, exc) and qos:
+                conn.ack(packet_id)
+            return
+        if outcome is None:
+            self._handled += 1
+            self._retriable_streak = 0
             if qos:
-                conn.unacked -= 1
-            self._inside -= 1
-            if self._all_returned is not None and not self._inside:
-                returned, self._all_returned = self._all_returned, None
-                if not returned.done():  # not cancelled
-                    returned.set_result(None)
+                conn.ack(packet_id)
+            return
+        conn.running += 1
+        if isinstance(outcome, asyncio.Future):
+            # Consecutive messages waiting for the same future (a telemetry batch's commit)
+            # share one done-callback: a list append each.
+            if outcome is conn.last_future and not outcome.done():
+                conn.last_group.append((topic, qos, packet_id))
+                return
+            group = [(topic, qos, packet_id)]
+            conn.last_future, conn.last_group = outcome, group
+            outcome.add_done_callback(functools.partial(self._future_done, conn, group))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._await(conn, outcome, topic, qos, packet_id)
+        )
+        conn.handling.add(task)
 
-    def _next_iteration(self) -> None:
-        self._iteration_scheduled = True
-        asyncio.get_running_loop().call_soon(self._new_iteration)
+    def _future_done(
+        self, conn: _Connection, group: list[tuple[str, int, int]], future: asyncio.Future[Any]
+    ) -> None:
+        """Settle the messages that waited for ``future``: (topic, qos, packet id) each."""
+        if conn.last_future is future:
+            conn.last_future = None
+        if future.cancelled():
+            acked = False  # whoever made it gave up on it: let the broker deliver it again
+        else:
+            error = future.exception()
+            if error is None:
+                self._handled += len(group)
+                self._retriable_streak = 0
+                acked = True
+            elif isinstance(error, Exception):
+                qos = max(qos for _, qos, _ in group)
+                acked = self._handler_failed(conn, group[0][0], qos, error, messages=len(group))
+            else:
+                acked = False
+        if acked:
+            ack = conn.ack
+            for _, qos, packet_id in group:
+                if qos:
+                    ack(packet_id)
+        self._handler_done(conn, len(group))
 
-    def _new_iteration(self) -> None:
-        """Admit the next handlers; runs once per loop iteration while messages arrive."""
-        self._iteration_scheduled = False
-        self._admitted = 0
-        waiting = self._admission
-        while waiting and self._admitted < self._per_iteration:
-            waiter = waiting.popleft()
-            if not waiter.done():  # not cancelled
-                waiter.set_result(None)
-                self._admitted += 1
-                self._woken += 1
-        if self._admitted:
-            self._next_iteration()
-
-    async def _admitted_later(self) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._admission.append(waiter)
-        if not self._iteration_scheduled:
-            self._next_iteration()
+    async def _await(
+        self, conn: _Connection, outcome: Awaitable[None], topic: str, qos: int, packet_id: int
+    ) -> None:
+        acked = False
         try:
-            await waiter
+            await outcome
         except asyncio.CancelledError:
-            if not waiter.cancelled():
-                self._woken -= 1  # woken just as it was cancelled
-            raise
-        self._woken -= 1
+            # The link cancels a handler only once its connection is closed (see _retire),
+            # so that no PUBACK for it can reach the broker. Otherwise someone else is
+            # cancelling this task: let it end cancelled.
+            if not conn.closed.is_set():
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except Exception as exc:  # noqa: BLE001 -- a faulty handler must not stop the link
+            acked = self._handler_failed(conn, topic, qos, exc)
+        else:
+            self._handled += 1
+            self._retriable_streak = 0
+            acked = True
+        finally:
+            conn.handling.discard(asyncio.current_task())
+            self._handler_done(conn)
+        if acked and qos:
+            conn.ack(packet_id)
 
-    async def _wait_for_slot(self, conn: _Connection) -> bool:
-        """Wait until a running handler hands over its slot; False if none is to be used."""
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        conn.slot_waiters.append(waiter)
-        try:
-            given = await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled():
-                with contextlib.suppress(ValueError):
-                    conn.slot_waiters.remove(waiter)
-            elif waiter.result():
-                conn.release_slot()  # handed over just as the task was cancelled
-            raise
-        if given and not conn.accepting:  # it may have changed since the slot was handed over
-            conn.release_slot()
-            return False
-        return given
+    def _handler_done(self, conn: _Connection, count: int = 1) -> None:
+        conn.running -= count
+        if conn.inbox and not self._iteration_scheduled:
+            self._pump(conn)
+        if not conn.running and conn.drained is not None and not conn.drained.done():
+            conn.drained.set_result(None)
 
-    def _handler_failed(self, conn: _Connection, topic: str, qos: int, exc: Exception) -> bool:
-        """Count and log a handler's error; return whether the message may be acknowledged."""
-        self._counts["handler_errors"] += 1
+    def _handler_failed(
+        self, conn: _Connection, topic: str, qos: int, exc: Exception, *, messages: int = 1
+    ) -> bool:
+        """Count and log a handler's error; return whether the message may be acknowledged.
+
+        ``messages`` > 1: the error is shared by that many messages, ``topic`` being the first
+        one's; logged once.
+        """
+        self._counts["handler_errors"] += messages
         if not isinstance(exc, GatewayError) or not exc.retriable or qos == 0:
-            self._log.error("mqtt.handler_failed", topic=topic, exc_info=exc)
+            self._log.error("mqtt.handler_failed", topic=topic, messages=messages, exc_info=exc)
             return True
-        self._counts["left_unacked"] += 1
+        self._counts["left_unacked"] += messages
         self._retriable_streak += 1
         self._log.warning(
             "mqtt.handler_failed_retriable",
             topic=topic,
+            messages=messages,
             error=str(exc),
             error_type=type(exc).__name__,
         )
@@ -790,7 +837,7 @@ class MqttLink:
             self._log.info("mqtt.connecting", attempt=attempt, delay_s=round(delay, 3))
             conn = _Connection(
                 self.settings,
-                self._receive,
+                self._pump,
                 self._log,
                 clean_start=first and self.settings.clean_start,
             )
@@ -833,13 +880,10 @@ class MqttLink:
         """Connect and subscribe; False (logged) when worth retrying."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
-                await conn.open(
-                    self.settings, self._subscriptions, replay_retained=not self._subscribed
-                )
+                await conn.open(self._subscriptions, replay_retained=not self._subscribed)
             self._subscribed = True
-        except gmqtt.MQTTConnectError as exc:
-            code = _as_int(exc.args[0]) if exc.args else 0
-            if code in _PERMANENT_CONNACK_CODES:
+        except _ConnectRefusedError as exc:
+            if exc.code in _PERMANENT_CONNACK_CODES:
                 raise _PermanentRefusalError(f"refused the connection: {exc}") from exc
             self._log.warning("mqtt.connect_failed", attempt=attempt, error=str(exc))
             return False
@@ -866,7 +910,7 @@ class MqttLink:
         conn.stop_accepting()
         if conn.end_reason is _End.LOST:
             await self._set_connection(None)
-            conn.acks.release_all()  # publishers waiting for a PUBACK re-send elsewhere
+            conn.release_all()  # publishers waiting for a PUBACK re-send elsewhere
         try:
             if conn.running:
                 # Handlers may still publish (and, unless the connection was lost, acknowledge).
@@ -875,9 +919,10 @@ class MqttLink:
         finally:
             if self._conn is conn:
                 await self._set_connection(None)
-            # Close first, then cancel what is still running: the PUBACK gmqtt writes when
-            # a cancelled handler's task returns then goes nowhere, even if the handler
-            # swallowed the cancellation, and the broker delivers the message again.
+            # Close first, then cancel what is still running: a PUBACK written for a
+            # cancelled handler then goes nowhere, even if the handler swallowed the
+            # cancellation, and the broker delivers the message again. (A handler's future
+            # still pending is left to complete; its PUBACK goes nowhere either.)
             await conn.close()
             if conn.handling:
                 pending = set(conn.handling)
@@ -915,16 +960,10 @@ class MqttLink:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Wait for the supervisor (it retires the connection), then for gmqtt's tasks."""
+        """Wait for the supervisor: it retires the connection and its handlers."""
         if self._tg is None:
             return
-        try:
-            await self._tg.__aexit__(exc_type, exc, traceback)
-        finally:
-            # They return as soon as their connection is closed.
-            if self._inside:
-                returned = self._all_returned = asyncio.get_running_loop().create_future()
-                await returned
+        await self._tg.__aexit__(exc_type, exc, traceback)
 
     async def _connection(self, deadline: float | None) -> _Connection:
         """Return the current connection, waiting for one until `deadline` (loop time)."""

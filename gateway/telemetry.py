@@ -1,7 +1,8 @@
 """Telemetry ingest: Telemetry frames become rows in PostgreSQL, by batched COPY, exactly once.
 
-The MQTT handler awaits `TelemetryIngest.submit`, which encodes the frame's rows, queues them
-and returns when their transaction has committed (or the frame proved a duplicate). The
+The MQTT handler waits for what `TelemetryIngest.submit_nowait` returns: it encodes the frame's
+rows, queues them and hands back a future that completes when their transaction has committed
+(or the frame proved a duplicate). The
 PUBACK waits for that return (gateway/mqtt.py), so a slow database fills the broker's in-flight
 window and the broker slows down: that is the backpressure, and nothing is ever dropped for
 want of room. `TelemetryIngest.run` is the flusher: it takes a batch when ``batch_rows`` rows are
@@ -30,8 +31,9 @@ the keeper has not.
 
 CPU per message is what a Python gateway controls (docs/performance-landscape.md), so the hot
 path encodes the frame's rows straight into binary COPY data (gateway/store/telemetry.py says
-why not ``copy_records_to_table``), and keeps one future per message and no other per-message
-objects, tasks or metric calls.
+why not ``copy_records_to_table``), and keeps one tuple per message and no other per-message
+objects, futures, tasks or metric calls: the messages queued between two takes share one
+future (`_Group`), which the MQTT link settles with one callback.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import asyncio
 import random
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Final, TypeAlias
 
@@ -62,9 +64,25 @@ __all__ = ["BulkHistogram", "TelemetryIngest", "TelemetryMetrics"]
 
 log = get_logger("gateway.telemetry")
 
-# One queued message: (future, machine_id, boot, seq, received unix s, readings data, reading
+
+class _Group:
+    """The messages queued between two takes, and the one future they all wait for.
+
+    One future per group rather than per message: the MQTT link then settles a whole group
+    with one callback (gateway/mqtt.py). It completes once ``left``, the group's messages not
+    yet answered, drops to 0, even if `_take` split the group across batches.
+    """
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+        self.left = 0
+
+
+# One queued message: (group, machine_id, boot, seq, received unix s, readings data, reading
 # count, events data, event count). A plain tuple, as one is made per message on the hot path.
-_Message: TypeAlias = tuple["asyncio.Future[None]", str, int, int, float, bytes, int, bytes, int]
+_Message: TypeAlias = tuple[_Group, str, int, int, float, bytes, int, bytes, int]
 
 _LAG_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _FLUSH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -265,6 +283,7 @@ class TelemetryIngest:
         self._limit = settings.queue_messages
 
         self._pending: list[_Message] = []
+        self._group: _Group | None = None  # the group new messages join
         self._pending_rows = 0
         self._oldest = 0.0  # loop time at which _pending last became non-empty
         self._in_flight: dict[int, list[_Message]] = {}  # by flusher
@@ -285,6 +304,16 @@ class TelemetryIngest:
         """Messages accepted and not yet committed."""
         return self._depth
 
+    def submit_nowait(self, machine_id: str, frame: Telemetry) -> Awaitable[None] | None:
+        """Queue the frame's rows; return what completes once they are committed.
+
+        The hot path: a future, with no task or coroutine, while the queue has room; the
+        coroutine of `submit` when it has none; None for a frame dropped as invalid.
+        """
+        if self._depth >= self._limit or self._closed:
+            return self.submit(machine_id, frame)
+        return self._enqueue(machine_id, frame)
+
     async def submit(self, machine_id: str, frame: Telemetry) -> None:
         """Return once the frame's rows are committed, or the frame proved a duplicate.
 
@@ -296,24 +325,33 @@ class TelemetryIngest:
         """
         if self._depth >= self._limit or self._closed:
             await self._wait_for_room()
+        future = self._enqueue(machine_id, frame)
+        if future is not None:
+            # Shielded: the future is shared by the group, and cancelling this caller must
+            # not cancel it for the others.
+            await asyncio.shield(future)
+
+    def _enqueue(self, machine_id: str, frame: Telemetry) -> asyncio.Future[None] | None:
         received = self._clock()
         try:
             rows = store.encode_frame(received, machine_id, frame)
         except InvalidFrameError as exc:
             self._drop(machine_id, frame.boot, frame.seq, "invalid", exc)
-            return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+            return None
+        group = self._group
+        if group is None:
+            group = self._group = _Group(asyncio.get_running_loop().create_future())
+        group.left += 1
         pending = self._pending
         if not pending:
-            self._oldest = loop.time()
+            self._oldest = asyncio.get_running_loop().time()
             self._wake.set()
-        pending.append((future, machine_id, frame.boot, frame.seq, received, *rows))
+        pending.append((group, machine_id, frame.boot, frame.seq, received, *rows))
         self._depth += 1
         self._pending_rows += rows[1] + rows[3] or 1
         if self._pending_rows >= self._batch_rows:
             self._wake.set()
-        await future
+        return group.future
 
     async def _wait_for_room(self) -> None:
         self._waiting += 1
@@ -387,6 +425,7 @@ class TelemetryIngest:
                     timer.cancel()
 
     def _take(self) -> list[_Message]:
+        self._group = None  # what arrives from now on waits for a later commit
         pending = self._pending
         if self._pending_rows <= self._batch_rows:
             self._pending, self._pending_rows = [], 0
@@ -512,9 +551,10 @@ class TelemetryIngest:
         if committed:
             self._metrics.lag_seconds.observe_many(max(0.0, now - m[4]) for m in batch)
         for message in batch:
-            future = message[0]
-            if not future.done():  # its caller may have been cancelled
-                future.set_result(None)
+            group = message[0]
+            group.left -= 1
+            if not group.left and not group.future.done():
+                group.future.set_result(None)
 
     def _release(self, count: int) -> None:
         self._depth -= count
@@ -538,9 +578,10 @@ class TelemetryIngest:
         self._closed = True
         unanswered = [self._pending, *self._in_flight.values()]
         self._pending, self._pending_rows, self._in_flight = [], 0, {}
+        self._group = None
         for batch in unanswered:
             for message in batch:
-                future = message[0]
+                future = message[0].future
                 if not future.done():
                     error = ShuttingDownError()
                     error.__cause__ = cause

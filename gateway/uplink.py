@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-
-from prometheus_client import Counter
+from typing import Final, TypeAlias
 
 from gateway.keys import KeyRing
 from gateway.logs import get_logger
@@ -25,7 +24,12 @@ from protocols.topics import Channel, Topics
 
 log = get_logger("gateway.uplink")
 
-FrameSink = Callable[[str, UplinkFrame], Awaitable[None]]
+Outcome: TypeAlias = Awaitable[None] | None
+"""What a handler returns: None when done, or what to wait for (gateway/mqtt.py)."""
+
+_PARSED_TOPICS: Final = 1 << 16  # a fleet of 10,000 uses 20,000
+
+FrameSink = Callable[[str, UplinkFrame], Outcome]
 
 
 class MachineDirectory:
@@ -89,41 +93,64 @@ class Uplink:
         self._directory = directory
         self._sink = sink
         self._metrics = metrics
-        # One labelled child per frame type, looked up once: labels() costs more than inc().
-        self._counters: dict[type[UplinkFrame], Counter] = {}
+        self._frame_counts = metrics.uplink_frames.counts
+        # Topics already parsed: every machine publishes on the same two topics all day.
+        self._parsed: dict[str, tuple[str, Channel]] = {}
 
-    async def handle(self, topic: str, payload: bytes) -> None:
-        """Verify one message and pass its frame on; drop and count anything bad."""
-        try:
-            machine_id, channel = self._topics.parse(topic)
-        except ValueError:
-            self._drop("bad_topic", topic=topic)
-            return
-        if channel is Channel.DOWN:
-            self._drop("wrong_channel", machine_id=machine_id)
-            return
+    def handle(self, topic: str, payload: bytes) -> Outcome:
+        """Verify one message and pass its frame on; drop and count anything bad.
+
+        Synchronous up to the sink, which says what to wait for, if anything: the MQTT link
+        acknowledges the message once that is done. Only a machine id not yet in the
+        directory's cache needs a query first.
+        """
+        parsed = self._parsed.get(topic)
+        if parsed is None:
+            try:
+                parsed = self._topics.parse(topic)
+            except ValueError:
+                self._drop("bad_topic", topic=topic)
+                return None
+            if parsed[1] is Channel.DOWN:
+                self._drop("wrong_channel", machine_id=parsed[0])
+                return None
+            if len(self._parsed) >= _PARSED_TOPICS:
+                self._parsed.clear()  # bounded against a flood of made-up topics
+            self._parsed[topic] = parsed
+        machine_id, channel = parsed
         if not payload:
-            return  # a retained status topic being cleared
-        if machine_id not in self._directory.known and not await self._directory.is_known(
-            machine_id
-        ):
+            return None  # a retained status topic being cleared
+        if machine_id not in self._directory.known:
+            return self._check_machine(machine_id, channel, payload)
+        return self._verify(machine_id, channel, payload)
+
+    async def process(self, topic: str, payload: bytes) -> None:
+        """`handle`, then wait for what it returned: for callers other than the MQTT link."""
+        outcome = self.handle(topic, payload)
+        if outcome is not None:
+            await outcome
+
+    async def _check_machine(self, machine_id: str, channel: Channel, payload: bytes) -> None:
+        if not await self._directory.is_known(machine_id):
             self._drop("unknown_machine", machine_id=machine_id)
             return
+        outcome = self._verify(machine_id, channel, payload)
+        if outcome is not None:
+            await outcome
+
+    def _verify(self, machine_id: str, channel: Channel, payload: bytes) -> Outcome:
         try:
             frame = decode(payload, self._keys.key(machine_id), direction=Direction.UP)
         except ProtocolError as exc:
             self._drop(exc.kind, machine_id=machine_id, error=str(exc))
-            return
+            return None
         assert isinstance(frame, UplinkFrame)  # noqa: S101  (direction=UP guarantees it)
         if (channel is Channel.STATUS) != isinstance(frame, Presence):
             self._drop("wrong_channel", machine_id=machine_id, frame=type(frame).__name__)
-            return
-        kind = type(frame)
-        counter = self._counters.get(kind)
-        if counter is None:
-            counter = self._counters[kind] = self._metrics.uplink_frames.labels(kind.__name__)
-        counter.inc()
-        await self._sink(machine_id, frame)
+            return None
+        counts, name = self._frame_counts, type(frame).__name__
+        counts[name] = counts.get(name, 0) + 1
+        return self._sink(machine_id, frame)
 
     def _drop(self, kind: str, **context: str) -> None:
         self._metrics.bad_frames.labels(kind).inc()

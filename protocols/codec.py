@@ -15,6 +15,7 @@ field at fault.
 from __future__ import annotations
 
 import hmac
+import re
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,6 +53,8 @@ MIN_MASTER_SECRET: Final = 32
 _KEY_LABEL: Final = b"vendgate/v1/frame-key/"
 _MAX_FIELDS: Final = 15  # a top-level fixarray holds at most 15 elements
 _MAX_MACHINE_ID: Final = 64
+# SPEC §3: 1-64 of [A-Za-z0-9._-] (ASCII only: \w and str.isalnum would admit more).
+_MACHINE_ID: Final = re.compile(rf"[A-Za-z0-9._\-]{{1,{_MAX_MACHINE_ID}}}")
 #: The direction of each type byte, None for the reserved ones (SPEC §4.2).
 _DIRECTIONS: Final = tuple(Direction.of_type(code) for code in range(0x100))
 #: Fields start after the version and the type code.
@@ -72,11 +75,7 @@ def derive_machine_key(master_secret: bytes, machine_id: str) -> bytes:
 
 def check_machine_id(machine_id: str) -> str:
     """Return ``machine_id`` if it is a valid id (SPEC §3), else raise ValueError."""
-    if not (
-        0 < len(machine_id) <= _MAX_MACHINE_ID
-        and machine_id.isascii()
-        and all(c.isalnum() or c in "-_." for c in machine_id)
-    ):
+    if _MACHINE_ID.fullmatch(machine_id) is None:
         raise ValueError(f"invalid machine id {machine_id!r}: use 1-64 of [A-Za-z0-9._-]")
     return machine_id
 

@@ -20,6 +20,8 @@ class Channel(enum.Enum):
     STATUS = "status"  # machine -> gateway, retained: Presence, and the last will
 
 
+_CHANNELS: Final[dict[str, Channel]] = {channel.value: channel for channel in Channel}
+
 #: QoS 1 everywhere (SPEC §3.2): delivery survives reconnects, and duplicates
 #: are harmless because every frame is idempotent by its ids.
 QOS: Final[dict[Channel, int]] = {Channel.DOWN: 1, Channel.UP: 1, Channel.STATUS: 1}
@@ -51,10 +53,9 @@ class Topics:
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != self.prefix or parts[1] != "m":
             raise ValueError(f"topic {topic!r} is not under {self.prefix}/m/")
-        try:
-            channel = Channel(parts[3])
-        except ValueError:
-            raise ValueError(f"topic {topic!r} has an unknown channel") from None
+        channel = _CHANNELS.get(parts[3])
+        if channel is None:
+            raise ValueError(f"topic {topic!r} has an unknown channel")
         return check_machine_id(parts[2]), channel
 
     def filter(self, channel: Channel) -> str:

@@ -120,7 +120,7 @@ class Wire:
             return
         assert self.uplink is not None
         topic = TOPICS.topic(machine.machine_id, action.channel)
-        await self.uplink.handle(topic, action.payload)
+        await self.uplink.process(topic, action.payload)
 
     async def _motor(self, machine: Machine, start: StartMotor) -> None:
         await asyncio.sleep(machine.dispense_s)

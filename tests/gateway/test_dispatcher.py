@@ -181,9 +181,9 @@ async def test_unknown_machine_and_forged_frames_are_dropped(database: str) -> N
     """Frames from an unregistered machine or with a bad MAC are counted and ignored."""
     async with pipeline(database) as p:
         assert p.wire.uplink is not None
-        await p.wire.uplink.handle("vg/m/VM-9/up", b"\x97\x01\x41" + b"\x00" * 30)
-        await p.wire.uplink.handle("vg/m/VM-1/up", b"\x97\x01\x41" + b"\x00" * 30)
-        await p.wire.uplink.handle("elsewhere/x", b"")
+        await p.wire.uplink.process("vg/m/VM-9/up", b"\x97\x01\x41" + b"\x00" * 30)
+        await p.wire.uplink.process("vg/m/VM-1/up", b"\x97\x01\x41" + b"\x00" * 30)
+        await p.wire.uplink.process("elsewhere/x", b"")
         text = p.registry.get_sample_value
         assert text("vendgate_bad_frames_total", {"kind": "unknown_machine"}) == 1
         assert text("vendgate_bad_frames_total", {"kind": "bad_mac"}) == 1

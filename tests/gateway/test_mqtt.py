@@ -219,7 +219,7 @@ async def test_packets_written_together_keep_their_order(mosquitto: Mosquitto, p
     assert inbox.payloads == sent
 
 
-async def _unused_receive(*_args: object) -> int:
+def _unused_pump(*_args: object) -> None:
     raise AssertionError("a connection that subscribes to nothing received a message")
 
 
@@ -234,9 +234,9 @@ async def test_packets_written_just_before_closing_still_go_out(
         # The link's connection class itself: through MqttLink, some other callback always
         # runs between a publish and the close.
         settings = _settings(mosquitto, f"{prefix}-pub")
-        conn = _Connection(settings, _unused_receive, get_logger(__name__), clean_start=True)
-        await conn.open(settings, [])
-        conn.publish(topic, b"last words", 0, retain=False, properties={})
+        conn = _Connection(settings, _unused_pump, get_logger(__name__), clean_start=True)
+        await conn.open([])
+        conn.publish(topic, b"last words", 0, retain=False, message_expiry_s=None)
         await conn.close()
         await eventually(lambda: inbox.payloads == [b"last words"])
         # Mosquitto logs "closed its connection" instead when no DISCONNECT came first.
