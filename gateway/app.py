@@ -156,6 +156,7 @@ class Gateway:
                 username=config.mqtt.username,
                 password=config.mqtt.password,
                 keepalive_s=config.mqtt.keepalive_s,
+                receive_maximum=config.mqtt.receive_maximum,
                 # A one-off id is never resumed: let its session go soon after we stop,
                 # so it does not keep a share of the uplinks queued for nobody.
                 session_expiry_s=ONE_OFF_SESSION_S if one_off else 3600,

@@ -275,6 +275,10 @@ class MqttConfig(_Section):
     topic_prefix: str = field(default="vg", metadata=_meta(check=_topic_level))
     shared_group: str = field(default="vendgate", metadata=_meta(check=_topic_level))
     keepalive_s: int = field(default=30, metadata=_meta(check=_between(5, 3600)))
+    # MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to us, unacknowledged.
+    # Each waits for its handler (telemetry: for its commit), so this bounds the throughput at
+    # about receive_maximum / (telemetry.max_age_s + commit time).
+    receive_maximum: int = field(default=4000, metadata=_meta(check=_between(1, 65535)))
     username: str | None = None
     password: str | None = field(default=None, metadata=_meta(redact=_hide))
 
