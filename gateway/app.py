@@ -192,6 +192,7 @@ class Gateway:
             metrics=PlanogramMetrics(self.registry),
         )
         directory = MachineDirectory(writer)
+        await directory.load()
         uplink = Uplink(
             topics=topics,
             keys=keys,

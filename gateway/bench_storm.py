@@ -79,13 +79,12 @@ async def run_storm(settings: StormSettings) -> dict[str, Any]:
         services = await start_services(stack, work, broker_url=None, dsn=None)
         broker = services.broker
         assert broker is not None  # noqa: S101  (the storm restarts its own broker)
-        # The schema comes from the gateway's own migrations: start it, then register.
-        gateway = await start_gateway(stack, services, secret, [])
         names = FleetSettings(
             broker_host="127.0.0.1", broker_port=1, master_secret=secret, machines=settings.machines
         )
         machine_ids = [names.machine_id(i) for i in range(settings.machines)]
         await register_machines(services.dsn, machine_ids)
+        gateway = await start_gateway(stack, services, secret, [])
         pool = await asyncpg.create_pool(services.dsn, min_size=1, max_size=2)
         stack.push_async_callback(pool.close)
 

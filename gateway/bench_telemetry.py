@@ -257,8 +257,8 @@ async def run_telemetry(settings: TelemetrySettings) -> dict[str, Any]:
         # The gateway keeps its MQTT client id in its state folder, next to database.data_dir
         # (unused with a DSN): the work directory, not the current one.
         state = [f"database.data_dir={work / 'gateway-state' / 'pgdata'}"]
-        gateway = await start_gateway(stack, services, secret, state + settings.gateway_settings)
         await register_machines(services.dsn, machine_ids)
+        gateway = await start_gateway(stack, services, secret, state + settings.gateway_settings)
         pool = await asyncpg.create_pool(services.dsn, min_size=1, max_size=2)
         stack.push_async_callback(pool.close)
         base_frames = await _count_frames(pool)

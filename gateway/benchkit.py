@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 
 from gateway.embedded import EmbeddedPostgres, Mosquitto, free_port
+from gateway.store import db
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -166,9 +167,14 @@ async def start_gateway(
 
 
 async def register_machines(dsn: str, machine_ids: list[str]) -> None:
-    """Register machines straight in the database: 10,000 POSTs would only time the setup."""
+    """Register machines straight in the database: 10,000 POSTs would only time the setup.
+
+    Applies the gateway's migrations first (idempotent), so that this can run before the
+    gateway starts: a gateway reads the registry at start-up, as it would a fleet it serves.
+    """
     conn = await asyncpg.connect(dsn)
     try:
+        await db.migrate(conn)
         await conn.execute(
             "INSERT INTO machines (machine_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
             machine_ids,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,6 +18,7 @@ from gateway.store import db, machines, vends
 from gateway.store.db import Conn
 from gateway.store.vends import VendRequest
 from gateway.store.writer import GroupCommitter
+from gateway.uplink import MachineDirectory
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -258,3 +260,32 @@ async def test_group_commit_survives_a_database_restart(
         with pytest.raises(asyncio.CancelledError):
             await task
         pool.terminate()
+
+
+async def test_machine_directory_loads_the_registry_and_shares_one_query_per_id(
+    pool: asyncpg.Pool,
+) -> None:
+    """load() caches every registered id; a burst of lookups for a new id makes one query."""
+    writer = GroupCommitter(pool)
+    directory = MachineDirectory(writer)
+    assert await directory.load() == 1
+    assert "VM-1" in directory.known
+    async with pool.acquire() as conn:
+        await machines.register(conn, "VM-2")
+    queries = 0
+    read = writer.read
+
+    async def counting_read(op: Any) -> Any:
+        nonlocal queries
+        queries += 1
+        return await read(op)
+
+    writer.read = counting_read  # type: ignore[method-assign]
+    answers = await asyncio.gather(*(directory.is_known("VM-2") for _ in range(50)))
+    assert answers == [True] * 50
+    assert queries == 1
+    answers = await asyncio.gather(*(directory.is_known("VM-404") for _ in range(50)))
+    assert answers == [False] * 50
+    assert queries == 2  # and the miss is remembered for a while
+    assert not await directory.is_known("VM-404")
+    assert queries == 2
