@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from gateway.errors import GatewayError
 from gateway.keys import KeyRing
@@ -40,7 +40,7 @@ from gateway.metrics import VendMetrics
 from gateway.store import vends
 from gateway.store.db import Conn
 from gateway.store.vends import VendRow
-from gateway.store.writer import GroupCommitter
+from gateway.store.writer import Batchable, GroupCommitter
 from protocols.codec import encode
 from protocols.frames import (
     AckCode,
@@ -143,6 +143,23 @@ _RESULT_EVENTS = {
     Outcome.FAILED: VendEvent.RESULT_FAILED,
     Outcome.UNCERTAIN: VendEvent.RESULT_UNCERTAIN,
 }
+
+
+async def _move_one(conn: Conn, move: vends.Move) -> VendRow | None:
+    return await vends.apply(
+        conn,
+        move.vend_id,
+        move.event,
+        detail=move.detail,
+        dispense=move.dispense,
+        attempts=move.attempts,
+        actor=move.actor,
+    )
+
+
+_MOVES: Final[Batchable[vends.Move, VendRow | None]] = Batchable(
+    "vend_moves", vends.apply_many, _move_one
+)
 
 
 class Dispatcher:
@@ -406,22 +423,17 @@ class Dispatcher:
     ) -> VendRow | None:
         """Commit ``event``; on success update memory and return the row, else None."""
         record = None if dispense is None else _dispense_json(dispense)
+        then = None
+        if dispense is not None and self._result_hook is not None:
+            hook = self._result_hook
 
-        async def op(conn: Any) -> VendRow | None:  # noqa: ANN401  (a pool connection)
-            row = await vends.apply(
-                conn,
-                t.vend_id,
-                event,
-                detail=detail,
-                dispense=record,
-                attempts=attempts,
-                actor=actor,
-            )
-            if row is not None and dispense is not None and self._result_hook is not None:
-                await self._result_hook(conn, row, dispense, False)  # noqa: FBT003
-            return row
+            async def then(conn: Conn, row: VendRow | None) -> None:
+                if row is not None:  # always: the writer runs it only for a result
+                    await hook(conn, row, dispense, False)  # noqa: FBT003
 
-        row = await self._writer.submit(op)
+        move = vends.Move(t.vend_id, event, detail, record, attempts, actor)
+        # Batched with other vends' moves: one statement for all of a commit's state changes.
+        row = await self._writer.submit_batchable(_MOVES, t.vend_id, move, then=then)
         if row is None:
             await self._refresh(t)
             return None

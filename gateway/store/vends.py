@@ -16,6 +16,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -130,17 +131,24 @@ class Refusal:
 # The vend is inserted only if its slot may sell it: the slot is not disabled, and, once the
 # machine has a planogram (config_desired set), the planogram lists the slot at this price and
 # currency. One statement, so the check and the insert see the same planogram.
+# The first history row goes in with it (a data-modifying CTE: one round trip, not two).
 _INSERT: Final = """
-INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline, request_hash,
-                   state)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'accepted'
-FROM machines m
-LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = $4
-WHERE m.machine_id = $3
-  AND COALESCE(s.enabled, true)
-  AND (m.config_desired IS NULL OR (s.price = $5 AND s.currency = $6))
-ON CONFLICT DO NOTHING
-RETURNING *
+WITH created AS (
+    INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline,
+                       request_hash, state)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'accepted'
+    FROM machines m
+    LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = $4
+    WHERE m.machine_id = $3
+      AND COALESCE(s.enabled, true)
+      AND (m.config_desired IS NULL OR (s.price = $5 AND s.currency = $6))
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), history AS (
+    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor)
+    SELECT vend_id, NULL, 'accepted', 'created', 'gateway' FROM created
+)
+SELECT * FROM created
 """
 
 _SLOT: Final = """
@@ -176,9 +184,7 @@ async def create(
             fingerprint,
         )
         if record is not None:
-            row = VendRow.from_record(record)
-            await _history(conn, row.vend_id, None, VendStatus.ACCEPTED, "created", "gateway", None)
-            return "created", row
+            return "created", VendRow.from_record(record)
         existing = await conn.fetchrow("SELECT * FROM vends WHERE vend_id = $1", request.vend_id)
         if existing is not None:
             outcome: CreateOutcome = (
@@ -211,19 +217,26 @@ def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome,
     return None
 
 
+# The state change and its history row, in one statement (one round trip).
 _APPLY: Final = """
-WITH old AS (SELECT state FROM vends WHERE vend_id = $1 FOR UPDATE)
-UPDATE vends v
-SET state = $2,
-    updated_at = now(),
-    dispense = COALESCE($4::jsonb, v.dispense),
-    first_sent_at = CASE WHEN $2 = 'sent' THEN COALESCE(v.first_sent_at, now())
-                         ELSE v.first_sent_at END,
-    settled_at = CASE WHEN $5 THEN now() ELSE v.settled_at END,
-    attempts = GREATEST(v.attempts, $6)
-FROM old
-WHERE v.vend_id = $1 AND v.state = ANY($3::text[])
-RETURNING v.*, old.state AS from_state
+WITH old AS (SELECT state FROM vends WHERE vend_id = $1 FOR UPDATE),
+moved AS (
+    UPDATE vends v
+    SET state = $2,
+        updated_at = now(),
+        dispense = COALESCE($4::jsonb, v.dispense),
+        first_sent_at = CASE WHEN $2 = 'sent' THEN COALESCE(v.first_sent_at, now())
+                             ELSE v.first_sent_at END,
+        settled_at = CASE WHEN $5 THEN now() ELSE v.settled_at END,
+        attempts = GREATEST(v.attempts, $6)
+    FROM old
+    WHERE v.vend_id = $1 AND v.state = ANY($3::text[])
+    RETURNING v.*, old.state AS from_state
+), history AS (
+    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail)
+    SELECT vend_id, from_state, state, $7, $8, $9::jsonb FROM moved
+)
+SELECT * FROM moved
 """
 
 
@@ -242,33 +255,113 @@ async def apply(
     None means the compare-and-set found the vend in a state the event does not move
     (already moved by another message or gateway, or no such vend): nothing was written.
     """
-    allowed = sources(event)
-    # The target depends on the source only through the table; all sources of one event
-    # lead to the same state, which this asserts once per call (cheap, and it keeps the
-    # single-statement update honest if the table ever changes).
-    targets = {next_status(s, event) for s in allowed}
-    if len(targets) != 1:  # pragma: no cover - a table error, caught by the lifecycle tests
-        raise RuntimeError(f"event {event} leads to several states: {targets}")
-    (target,) = targets
-    assert target is not None  # noqa: S101  (sources() only lists allowed pairs)
+    target, allowed = _target(event)
     record = await conn.fetchrow(
         _APPLY,
         vend_id,
         target.value,
-        [s.value for s in allowed],
+        allowed,
         None if dispense is None else json.dumps(dispense),
         target.settled,
         attempts,
+        event.value,
+        actor,
+        None if detail is None else json.dumps(detail),
     )
     if record is None:
         return None
     row = VendRow.from_record(record)
     from_state = VendStatus(record["from_state"])
-    await _history(conn, vend_id, from_state, target, event.value, actor, detail)
     webhook = WEBHOOK_EVENTS.get(target)
     if webhook is not None and from_state is not target:  # one event per state entered
         await _enqueue_webhook(conn, row, webhook, detail)
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One `apply` call's arguments, for `apply_many`."""
+
+    vend_id: str
+    event: VendEvent
+    detail: dict[str, Any] | None = None
+    dispense: dict[str, Any] | None = None
+    attempts: int = 0
+    actor: str = "gateway"
+
+
+# `_APPLY` for many vends at once (distinct ids): one statement, whatever their number.
+_APPLY_MANY: Final = """
+WITH x AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bool[],
+                         $6::int[], $7::text[], $8::text[], $9::jsonb[])
+        AS x (vend_id, target, allowed, dispense, settles, attempts, event, actor, detail)
+), old AS (
+    SELECT v.vend_id, v.state FROM vends v JOIN x USING (vend_id)
+    ORDER BY v.vend_id FOR UPDATE OF v
+), moved AS (
+    UPDATE vends v
+    SET state = x.target,
+        updated_at = now(),
+        dispense = COALESCE(x.dispense, v.dispense),
+        first_sent_at = CASE WHEN x.target = 'sent' THEN COALESCE(v.first_sent_at, now())
+                             ELSE v.first_sent_at END,
+        settled_at = CASE WHEN x.settles THEN now() ELSE v.settled_at END,
+        attempts = GREATEST(v.attempts, x.attempts)
+    FROM x JOIN old USING (vend_id)
+    WHERE v.vend_id = x.vend_id AND v.state = ANY(string_to_array(x.allowed, ','))
+    RETURNING v.*, old.state AS from_state
+), history AS (
+    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail)
+    SELECT m.vend_id, m.from_state, m.state, x.event, x.actor, x.detail
+    FROM moved m JOIN x USING (vend_id)
+)
+SELECT * FROM moved
+"""
+
+
+def _target(event: VendEvent) -> tuple[VendStatus, list[str]]:
+    """Return the one state ``event`` leads to, and the states it may leave (its sources)."""
+    allowed = sources(event)
+    # All sources of one event lead to the same state; checked here, cheaply, so that the
+    # single-statement update stays honest if the table ever changes.
+    targets = {next_status(s, event) for s in allowed}
+    if len(targets) != 1:  # pragma: no cover - a table error, caught by the lifecycle tests
+        raise RuntimeError(f"event {event} leads to several states: {targets}")
+    (target,) = targets
+    assert target is not None  # noqa: S101  (sources() only lists allowed pairs)
+    return target, [s.value for s in allowed]
+
+
+async def apply_many(conn: Conn, moves: Sequence[Move]) -> list[VendRow | None]:
+    """`apply` for vends with distinct ids, in one statement; results in ``moves`` order."""
+    if len({m.vend_id for m in moves}) != len(moves):
+        raise ValueError("apply_many needs distinct vend ids")
+    targets = [_target(m.event) for m in moves]
+    records = await conn.fetch(
+        _APPLY_MANY,
+        [m.vend_id for m in moves],
+        [t.value for t, _ in targets],
+        [",".join(allowed) for _, allowed in targets],
+        [None if m.dispense is None else json.dumps(m.dispense) for m in moves],
+        [t.settled for t, _ in targets],
+        [m.attempts for m in moves],
+        [m.event.value for m in moves],
+        [m.actor for m in moves],
+        [None if m.detail is None else json.dumps(m.detail) for m in moves],
+    )
+    rows: dict[str, VendRow] = {}
+    webhooks: list[tuple[VendRow, str, dict[str, Any] | None]] = []
+    by_id = {m.vend_id: m for m in moves}
+    for record in records:
+        row = VendRow.from_record(record)
+        rows[row.vend_id] = row
+        webhook = WEBHOOK_EVENTS.get(row.state)
+        if webhook is not None and record["from_state"] != row.state.value:
+            webhooks.append((row, webhook, by_id[row.vend_id].detail))
+    if webhooks:
+        await _enqueue_webhooks(conn, webhooks)
+    return [rows.get(m.vend_id) for m in moves]
 
 
 async def record_late_result(
@@ -356,27 +449,6 @@ async def wait_settled(conn: Conn, timeout_s: float, *, poll_s: float = 0.25) ->
     return True
 
 
-async def _history(  # noqa: PLR0917  (one column each; called twice, privately)
-    conn: Conn,
-    vend_id: str,
-    from_state: VendStatus | None,
-    to_state: VendStatus,
-    event: str,
-    actor: str,
-    detail: dict[str, Any] | None,
-) -> None:
-    await conn.execute(
-        "INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail) "
-        "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-        vend_id,
-        None if from_state is None else from_state.value,
-        to_state.value,
-        event,
-        actor,
-        None if detail is None else json.dumps(detail),
-    )
-
-
 def webhook_payload(
     row: VendRow, event_type: str, event_id: uuid.UUID, detail: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -398,16 +470,27 @@ def webhook_payload(
     }
 
 
+_OUTBOX_INSERT: Final = (
+    "INSERT INTO webhook_outbox (event_id, vend_id, event_type, payload) "
+    "VALUES ($1, $2, $3, $4::jsonb)"
+)
+
+
 async def _enqueue_webhook(
     conn: Conn, row: VendRow, event_type: str, detail: dict[str, Any] | None
 ) -> None:
     event_id = uuid.uuid4()
     payload = webhook_payload(row, event_type, event_id, detail)
-    await conn.execute(
-        "INSERT INTO webhook_outbox (event_id, vend_id, event_type, payload) "
-        "VALUES ($1, $2, $3, $4::jsonb)",
-        event_id,
-        row.vend_id,
-        event_type,
-        json.dumps(payload),
-    )
+    await conn.execute(_OUTBOX_INSERT, event_id, row.vend_id, event_type, json.dumps(payload))
+
+
+async def _enqueue_webhooks(
+    conn: Conn, events: Sequence[tuple[VendRow, str, dict[str, Any] | None]]
+) -> None:
+    """Several `_enqueue_webhook` in one round trip (``executemany`` pipelines them)."""
+    args = []
+    for row, event_type, detail in events:
+        event_id = uuid.uuid4()
+        payload = webhook_payload(row, event_type, event_id, detail)
+        args.append((event_id, row.vend_id, event_type, json.dumps(payload)))
+    await conn.executemany(_OUTBOX_INSERT, args)

@@ -7,6 +7,13 @@ a connection; writer tasks take whatever is queued (up to ``max_batch``), run it
 one transaction, commit once, and only then resolve every caller's future. So a caller
 that has its result knows its write is durable.
 
+Operations of one kind that can be written together (`Batchable`: the state changes of
+many vends) are, in one set-based statement per kind and batch: every statement is a round
+trip, and on this machine a round trip's write costs more CPU than the statement (measured:
+a fifth of the gateway's CPU per vend was asyncpg's socket writes). They carry a key (the
+vend id); operations with the same key keep their order, and a plain operation is a barrier
+that everything queued before it runs ahead of.
+
 If any operation in a batch raises, the batch is rolled back and its operations are
 retried one per transaction, so one bad operation fails alone. If the database is
 unreachable every caller gets :class:`~gateway.errors.DatabaseUnavailableError`
@@ -29,7 +36,23 @@ from gateway.logs import get_logger
 from gateway.store.db import Conn
 
 T = TypeVar("T")
+A = TypeVar("A")
 Op = Callable[[Conn], Awaitable[T]]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Batchable(Generic[A, T]):
+    """A kind of operation that many callers' arguments can share one statement for.
+
+    ``run_many`` takes arguments with distinct keys and returns one result each, in order;
+    ``run_one`` is the same for one argument (and what a failed batch retries alone).
+    """
+
+    name: str
+    run_many: Callable[[Conn, list[A]], Awaitable[list[T]]]
+    run_one: Callable[[Conn, A], Awaitable[T]]
+
+
 log = get_logger("gateway.store.writer")
 
 #: Errors that mean "the database is not there", as opposed to "this statement is wrong".
@@ -55,9 +78,15 @@ def unavailable(exc: BaseException) -> DatabaseUnavailableError | None:
 
 @dataclass(slots=True)
 class _Item(Generic[T]):
-    op: Op[T]
+    op: Op[T] | None
     future: asyncio.Future[T]
     queued_at: float = field(default_factory=time.monotonic)
+    # A batchable operation instead of `op`: its kind, key, argument, and what to run after
+    # it in the same transaction when its result is not None.
+    kind: Batchable[Any, T] | None = None
+    key: str = ""
+    arg: Any = None
+    then: Callable[[Conn, T], Awaitable[None]] | None = None
 
 
 @dataclass(slots=True)
@@ -96,7 +125,26 @@ class GroupCommitter:
     async def submit(self, op: Op[T]) -> T:
         """Queue ``op`` and return its result once its transaction has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        item = _Item(op, future)
+        return await self._enqueue(_Item(op, future))
+
+    async def submit_batchable(
+        self,
+        kind: Batchable[A, T],
+        key: str,
+        arg: A,
+        *,
+        then: Callable[[Conn, T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Queue one ``kind`` operation on ``arg``; return its result once committed.
+
+        ``then(conn, result)`` runs after it, in the same transaction, unless the result is
+        None.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        return await self._enqueue(_Item(None, future, kind=kind, key=key, arg=arg, then=then))
+
+    async def _enqueue(self, item: _Item[T]) -> T:
+        future = item.future
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -163,7 +211,22 @@ class GroupCommitter:
 
     async def _run_batch(self, items: list[_Item[Any]]) -> list[Any]:
         async with self._pool.acquire() as conn, conn.transaction():
-            return [await item.op(conn) for item in items]
+            results: list[Any] = [None] * len(items)
+            segment: list[int] = []  # batchable items with distinct keys, not yet run
+            keys: set[str] = set()
+            for index, item in enumerate(items):
+                if item.op is not None:
+                    await _run_segment(conn, items, segment, results)
+                    keys.clear()
+                    results[index] = await item.op(conn)
+                    continue
+                if item.key in keys:
+                    await _run_segment(conn, items, segment, results)
+                    keys.clear()
+                segment.append(index)
+                keys.add(item.key)
+            await _run_segment(conn, items, segment, results)
+            return results
 
     async def _one_by_one(self, items: list[_Item[Any]]) -> None:
         self.stats.retried_alone += len(items)
@@ -180,6 +243,31 @@ class GroupCommitter:
             else:
                 if not item.future.done():
                     item.future.set_result(result)
+
+
+async def _run_segment(
+    conn: Conn, items: list[_Item[Any]], segment: list[int], results: list[Any]
+) -> None:
+    """Run a segment's batchable items, one statement per kind; then their ``then``s."""
+    if not segment:
+        return
+    kinds: dict[Batchable[Any, Any], list[int]] = {}
+    for index in segment:
+        kind = items[index].kind
+        assert kind is not None  # noqa: S101  (only batchable items are in a segment)
+        kinds.setdefault(kind, []).append(index)
+    for kind, indices in kinds.items():
+        if len(indices) == 1:
+            outcomes = [await kind.run_one(conn, items[indices[0]].arg)]
+        else:
+            outcomes = await kind.run_many(conn, [items[i].arg for i in indices])
+        for index, outcome in zip(indices, outcomes, strict=True):
+            results[index] = outcome
+    for index in segment:
+        then = items[index].then
+        if then is not None and results[index] is not None:
+            await then(conn, results[index])
+    segment.clear()
 
 
 def _fail(item: _Item[Any], error: Exception, cause: BaseException) -> None:

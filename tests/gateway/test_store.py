@@ -17,7 +17,7 @@ from gateway.lifecycle import VendEvent, VendStatus
 from gateway.store import db, machines, vends
 from gateway.store.db import Conn
 from gateway.store.vends import VendRequest
-from gateway.store.writer import GroupCommitter
+from gateway.store.writer import Batchable, GroupCommitter
 from gateway.uplink import MachineDirectory
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -289,3 +289,114 @@ async def test_machine_directory_loads_the_registry_and_shares_one_query_per_id(
     assert queries == 2  # and the miss is remembered for a while
     assert not await directory.is_known("VM-404")
     assert queries == 2
+
+
+async def _state_of(conn: Conn) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]], int]:
+    states = [
+        (r["vend_id"], r["state"])
+        for r in await conn.fetch("SELECT vend_id, state FROM vends ORDER BY vend_id")
+    ]
+    history = [
+        (r["vend_id"], r["from_state"] or "", r["to_state"])
+        for r in await conn.fetch(
+            "SELECT vend_id, from_state, to_state FROM vend_transitions ORDER BY vend_id, id"
+        )
+    ]
+    outbox = await conn.fetchval("SELECT count(*) FROM webhook_outbox")
+    return states, history, outbox
+
+
+async def test_apply_many_does_what_apply_does_one_by_one(database: str) -> None:
+    """The set-based apply leaves the same states, history and outbox as apply in a loop."""
+    dispensed = {"outcome": "dispensed", "reason": "none"}
+    plan = [
+        vends.Move("order-1", VendEvent.PUBLISHED, attempts=1),
+        vends.Move("order-2", VendEvent.RESULT_DISPENSED, dispense=dispensed),  # not sent: no
+        vends.Move("order-3", VendEvent.PUBLISHED, detail={"why": "test"}),
+        vends.Move("order-4", VendEvent.PUBLISHED),  # no such vend
+    ]
+    seen = []
+    for many in (False, True):
+        pool = await db.create_pool(database, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await db.migrate(conn)
+                await conn.execute("TRUNCATE machines, vends CASCADE")
+                await machines.register(conn, "VM-1")
+                for i in (1, 2, 3):
+                    await vends.create(conn, _request(f"order-{i}"), DEADLINE)
+                async with conn.transaction():
+                    if many:
+                        rows = await vends.apply_many(conn, plan)
+                        settled = await vends.apply_many(
+                            conn,
+                            [vends.Move("order-1", VendEvent.RESULT_DISPENSED, dispense=dispensed)],
+                        )
+                    else:
+                        rows = [
+                            await vends.apply(
+                                conn,
+                                m.vend_id,
+                                m.event,
+                                detail=m.detail,
+                                dispense=m.dispense,
+                                attempts=m.attempts,
+                            )
+                            for m in plan
+                        ]
+                        settled = [
+                            await vends.apply(
+                                conn, "order-1", VendEvent.RESULT_DISPENSED, dispense=dispensed
+                            )
+                        ]
+                assert [r is not None for r in rows] == [True, False, True, False]
+                assert settled[0] is not None
+                assert settled[0].state is VendStatus.DISPENSED
+                seen.append(await _state_of(conn))
+        finally:
+            await pool.close()
+    assert seen[0] == seen[1]
+    assert seen[1][2] == 1  # one webhook: order-1 dispensed
+    with pytest.raises(ValueError, match="distinct"):
+        await vends.apply_many(None, [plan[0], plan[0]])  # type: ignore[arg-type]
+
+
+async def test_batchable_ops_share_one_statement_and_keep_per_key_order(
+    pool: asyncpg.Pool,
+) -> None:
+    """Moves of many vends in one batch make one run_many call; a repeated key waits its turn."""
+    async with pool.acquire() as conn:
+        for i in range(10):
+            await vends.create(conn, _request(f"order-{i}"), DEADLINE)
+    calls: list[int] = []
+
+    async def many(conn: Conn, moves: list[vends.Move]) -> list[vends.VendRow | None]:
+        calls.append(len(moves))
+        return await vends.apply_many(conn, moves)
+
+    async def one(conn: Conn, move: vends.Move) -> vends.VendRow | None:
+        calls.append(1)
+        return await vends.apply(conn, move.vend_id, move.event)
+
+    kind = Batchable("test_moves", many, one)
+    writer = GroupCommitter(pool, max_batch=64)
+    sent = [
+        writer.submit_batchable(kind, f"order-{i}", vends.Move(f"order-{i}", VendEvent.PUBLISHED))
+        for i in range(10)
+    ]
+    # The same vend again, in the same batch: it must run after its first move.
+    again = writer.submit_batchable(kind, "order-0", vends.Move("order-0", VendEvent.ACK_ACCEPTED))
+    futures = [asyncio.ensure_future(c) for c in [*sent, again]]
+    await asyncio.sleep(0)  # all queued before the writer takes its first batch
+    task = asyncio.create_task(writer.run(), name="test.writer")
+    try:
+        rows = await asyncio.gather(*futures)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert all(r is not None for r in rows)
+    assert rows[-1] is not None
+    assert rows[-1].state is VendStatus.ACKNOWLEDGED
+    assert writer.stats.batches == 1
+    assert calls == [10, 1]
