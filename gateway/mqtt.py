@@ -173,6 +173,7 @@ class _Connection(asyncio.Protocol):
         # Our QoS 1 PUBLISH packets awaiting their PUBACK, by packet id.
         self._outstanding: dict[int, asyncio.Future[bool]] = {}
         self._send_quota = _PACKET_IDS  # the broker's Receive Maximum, from CONNACK
+        self._max_out: int | None = None  # the broker's Maximum Packet Size, from CONNACK
         self._next_id = 0
         self._released = asyncio.Event()
         self._lost = asyncio.Event()
@@ -330,6 +331,7 @@ class _Connection(asyncio.Protocol):
             raise _ConnectRefusedError(connack.reason_code, connack.reason_string)
         self.session_present = connack.session_present
         self._send_quota = connack.receive_maximum
+        self._max_out = connack.maximum_packet_size
         keepalive = connack.server_keep_alive
         if keepalive is not None:
             self._keepalive_s = float(keepalive)
@@ -377,7 +379,11 @@ class _Connection(asyncio.Protocol):
         """Keep alive (MQTT 5 §3.1.2.10): ping when quiet, give up on a silent broker."""
         now = self._loop.time()
         period = self._keepalive_s
-        if now - self._last_in > period * 1.5:
+        if self.reading_paused:
+            # We are the ones not reading (a backlog of handlers): what the broker sent,
+            # PINGRESP included, waits in the socket. Silence is measured from the resume.
+            self._last_in = now
+        elif now - self._last_in > period * 1.5:
             self._log.warning("mqtt.keepalive_timeout", silent_s=round(now - self._last_in, 1))
             self.abort()
             return
@@ -434,32 +440,35 @@ class _Connection(asyncio.Protocol):
         """Write a PUBLISH; for QoS 1 return a future that says whether it was acknowledged.
 
         Raises OverflowError when the broker's Receive Maximum (MQTT 5 §4.9) of our QoS 1
-        messages are awaiting their PUBACK.
+        messages are awaiting their PUBACK, and ValueError for a message larger than the
+        broker's Maximum Packet Size (§3.2.2.3.6: the broker would disconnect us, and the
+        same message would do it again after every reconnection).
         """
         if not self.usable():
             gone: asyncio.Future[bool] = self._loop.create_future()
             gone.set_result(False)
             return gone
-        if not qos:
-            self.write(
-                mqtt5.publish(topic, payload, retain=retain, message_expiry_s=message_expiry_s)
-            )
-            return None
-        if len(self._outstanding) >= self._send_quota:
+        if qos and len(self._outstanding) >= self._send_quota:
             raise OverflowError("the broker's receive maximum is reached")
-        packet_id = self._allocate_id()
+        packet_id = self._allocate_id() if qos else 0
+        packet = mqtt5.publish(
+            topic,
+            payload,
+            qos=qos,
+            packet_id=packet_id,
+            retain=retain,
+            message_expiry_s=message_expiry_s,
+        )
+        if self._max_out is not None and len(packet) > self._max_out:
+            raise ValueError(
+                f"a message of {len(packet)} bytes to {topic!r} exceeds the broker's maximum "
+                f"packet size of {self._max_out} bytes"
+            )
+        self.write(packet)
+        if not qos:
+            return None
         future: asyncio.Future[bool] = self._loop.create_future()
         self._outstanding[packet_id] = future
-        self.write(
-            mqtt5.publish(
-                topic,
-                payload,
-                qos=1,
-                packet_id=packet_id,
-                retain=retain,
-                message_expiry_s=message_expiry_s,
-            )
-        )
         return future
 
     async def wait_released(self) -> None:
@@ -733,7 +742,8 @@ class MqttLink:
         if conn.last_future is future:
             conn.last_future = None
         if future.cancelled():
-            acked = False  # whoever made it gave up on it: let the broker deliver it again
+            # Whoever made it gave up on it: have the broker deliver the messages again.
+            acked = self._abandoned(conn, group[0][0], len(group))
         else:
             error = future.exception()
             if error is None:
@@ -763,6 +773,7 @@ class MqttLink:
             # so that no PUBACK for it can reach the broker. Otherwise someone else is
             # cancelling this task: let it end cancelled.
             if not conn.closed.is_set():
+                self._abandoned(conn, topic, 1)  # cancelled by someone else
                 raise
             task = asyncio.current_task()
             if task is not None:
@@ -807,6 +818,18 @@ class MqttLink:
             error=str(exc),
             error_type=type(exc).__name__,
         )
+        conn.end(_End.RECYCLE)
+        return False
+
+    def _abandoned(self, conn: _Connection, topic: str, messages: int) -> bool:
+        """Reconnect so that the broker delivers again what a cancelled handler left.
+
+        Left unacknowledged, a message would otherwise hold a slot of the receive window for
+        the connection's whole life (the broker redelivers only on a new one, MQTT 5 §4.4).
+        Returns False: not to be acknowledged.
+        """
+        self._counts["left_unacked"] += messages
+        self._log.warning("mqtt.handler_cancelled", topic=topic, messages=messages)
         conn.end(_End.RECYCLE)
         return False
 
