@@ -49,7 +49,7 @@ from gateway.logs import get_logger
 from gateway.store import machines, vends
 from gateway.store.db import Conn
 from gateway.store.vends import Transition, VendRequest, VendRow
-from gateway.store.writer import GroupCommitter
+from gateway.store.writer import Batchable, GroupCommitter
 from protocols.codec import check_machine_id
 
 __all__ = [
@@ -98,6 +98,17 @@ _SLOT_ERRORS: Final[dict[str, type[SlotRefusedError]]] = {
     "price_mismatch": PriceMismatchError,
 }
 _UNMATCHED: Final = "unmatched"  # the route label of a request no route matched
+
+_Created = tuple[vends.CreateOutcome, VendRow | vends.Refusal | None]
+
+
+async def _create_one(conn: Conn, arg: tuple[VendRequest, datetime]) -> _Created:
+    return await vends.create(conn, *arg)
+
+
+_CREATES: Final[Batchable[tuple[VendRequest, datetime], _Created]] = Batchable(
+    "vend_creates", vends.create_many, _create_one
+)
 
 
 class VendSink(Protocol):
@@ -341,8 +352,9 @@ async def _create_vend(request: web.Request) -> web.Response:
                 raise ValidationError("deadline" if given is not None else "deadline_s", problem)
             return web.json_response(_vend_json(repeat), status=200)
 
-        outcome, row = await api.writer.submit(
-            lambda conn: vends.create(conn, vend_request, deadline)
+        # Batched with other requests' inserts: one statement for a commit's new vends.
+        outcome, row = await api.writer.submit_batchable(
+            _CREATES, vend_request.vend_id, (vend_request, deadline)
         )
         if outcome == "unknown_machine":
             raise UnknownMachineError(machine_id)

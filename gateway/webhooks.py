@@ -173,6 +173,9 @@ class WebhookDeliverer:
         self._stopped = asyncio.Event()
         self._running = False
         self.stats = WebhookStats()
+        # Deliveries finishing in this loop iteration, to be marked in one statement.
+        self._delivered: list[OutboxEvent] | None = None
+        self._delivered_done: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
         """Look for due events now rather than at the next poll."""
@@ -297,17 +300,43 @@ class WebhookDeliverer:
         return status, f"HTTP {status} {reason}".strip()
 
     async def _record_delivered(self, event: OutboxEvent) -> None:
+        """Mark ``event`` delivered, in one statement with the others finishing meanwhile.
+
+        The first delivery to finish opens a batch and yields once, so that every delivery
+        finishing in the same loop iteration joins it; they all wait for its statement.
+        """
         self.stats.delivered += 1
+        batch, done = self._delivered, self._delivered_done
+        if batch is not None and done is not None:
+            batch.append(event)
+            await asyncio.shield(done)
+            return
+        batch = self._delivered = [event]
+        done = self._delivered_done = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._delivered = None  # deliveries finishing from now on open a new batch
+            await self._mark_delivered(batch)
+        finally:
+            # Also when cancelled: the others stop waiting (unrecorded, their leases lapse
+            # and they go again; receivers de-duplicate).
+            if not done.done():
+                done.set_result(None)
+
+    async def _mark_delivered(self, batch: list[OutboxEvent]) -> None:
         try:
             async with self._pool.acquire() as conn:
-                await outbox.mark_delivered(conn, event.id)
+                await outbox.mark_delivered_many(conn, [event.id for event in batch])
         except _DB_ERRORS as exc:
             # The receiver has it; the lease will lapse and it goes again (it de-duplicates).
             self.stats.database_errors += 1
             log.warning(
                 "webhook_outcome_not_recorded",
-                event_id=str(event.event_id),
-                vend_id=event.vend_id,
+                events=len(batch),
+                event_id=str(batch[0].event_id),
+                vend_id=batch[0].vend_id,
                 outcome="delivered",
                 error=f"{type(exc).__name__}: {exc}",
             )

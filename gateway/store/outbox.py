@@ -125,6 +125,17 @@ async def mark_delivered(conn: Conn, id: int) -> bool:  # noqa: A002  (the colum
     return bool(done)
 
 
+async def mark_delivered_many(conn: Conn, ids: list[int]) -> int:
+    """`mark_delivered` for several events in one statement; return how many it recorded."""
+    done = await conn.fetchval(
+        "WITH d AS (UPDATE webhook_outbox SET delivered_at = now(), leased_until = NULL "
+        "WHERE id = ANY($1::bigint[]) AND delivered_at IS NULL RETURNING 1) "
+        "SELECT count(*) FROM d",
+        ids,
+    )
+    return int(done)
+
+
 async def mark_failed(
     conn: Conn,
     id: int,  # noqa: A002  (the column's name)

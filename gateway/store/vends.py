@@ -151,6 +151,33 @@ WITH created AS (
 SELECT * FROM created
 """
 
+# `_INSERT` for many requests with distinct ids, in their order (queue_seq follows it).
+_INSERT_MANY: Final = """
+WITH x AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
+                         $6::text[], $7::timestamptz[], $8::bytea[])
+        WITH ORDINALITY AS x (vend_id, wire_id, machine_id, slot, price, currency, deadline,
+                              request_hash, n)
+), created AS (
+    INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline,
+                       request_hash, state)
+    SELECT x.vend_id, x.wire_id, x.machine_id, x.slot, x.price, x.currency, x.deadline,
+           x.request_hash, 'accepted'
+    FROM x
+    JOIN machines m ON m.machine_id = x.machine_id
+    LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = x.slot
+    WHERE COALESCE(s.enabled, true)
+      AND (m.config_desired IS NULL OR (s.price = x.price AND s.currency = x.currency))
+    ORDER BY x.n
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), history AS (
+    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor)
+    SELECT vend_id, NULL, 'accepted', 'created', 'gateway' FROM created
+)
+SELECT * FROM created
+"""
+
 _SLOT: Final = """
 SELECT m.config_desired, s.price, s.currency, s.enabled, s.disabled_reason
 FROM machines m
@@ -198,6 +225,37 @@ async def create(
         if refused is not None:
             return refused
     raise RuntimeError("could not draw a unique wire id three times")  # pragma: no cover
+
+
+async def create_many(
+    conn: Conn, requests: Sequence[tuple[VendRequest, datetime]]
+) -> list[tuple[CreateOutcome, VendRow | Refusal | None]]:
+    """`create` for requests with distinct ids: the new ones in one statement.
+
+    What that statement did not insert (a repeat, a conflict, an unknown machine, a refused
+    slot, a wire-id collision) goes through `create` one by one, for its precise answer.
+    """
+    if len({r.vend_id for r, _ in requests}) != len(requests):
+        raise ValueError("create_many needs distinct vend ids")
+    records = await conn.fetch(
+        _INSERT_MANY,
+        [r.vend_id for r, _ in requests],
+        [secrets.randbits(WIRE_ID_BITS) for _ in requests],
+        [r.machine_id for r, _ in requests],
+        [r.slot for r, _ in requests],
+        [r.price for r, _ in requests],
+        [r.currency for r, _ in requests],
+        [deadline for _, deadline in requests],
+        [r.fingerprint() for r, _ in requests],
+    )
+    created = {record["vend_id"]: VendRow.from_record(record) for record in records}
+    outcomes: list[tuple[CreateOutcome, VendRow | Refusal | None]] = []
+    for request, deadline in requests:
+        row = created.get(request.vend_id)
+        outcomes.append(
+            ("created", row) if row is not None else await create(conn, request, deadline)
+        )
+    return outcomes
 
 
 def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome, Refusal] | None:

@@ -75,6 +75,10 @@ class OverloadedWriter(GroupCommitter):
         """Refuse ``op`` as a full queue would."""
         raise OverloadedError("database write queue", 1)
 
+    async def submit_batchable(self, *_args: object, **_kwargs: object) -> Any:
+        """Refuse a batchable operation as a full queue would."""
+        raise OverloadedError("database write queue", 1)
+
 
 @dataclass
 class Api:

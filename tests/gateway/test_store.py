@@ -400,3 +400,34 @@ async def test_batchable_ops_share_one_statement_and_keep_per_key_order(
     assert rows[-1].state is VendStatus.ACKNOWLEDGED
     assert writer.stats.batches == 1
     assert calls == [10, 1]
+
+
+async def test_create_many_answers_as_create_does(pool: asyncpg.Pool) -> None:
+    """New vends in one statement; repeats, conflicts and unknown machines as `create` says."""
+    async with pool.acquire() as conn:
+        assert (await vends.create(conn, _request("order-old"), DEADLINE))[0] == "created"
+        answers = await vends.create_many(
+            conn,
+            [
+                (_request("order-a"), DEADLINE),
+                (_request("order-old"), DEADLINE),  # the same request again
+                (_request("order-b", machine_id="VM-404"), DEADLINE),
+                (_request("order-c"), DEADLINE),
+            ],
+        )
+        assert [outcome for outcome, _ in answers] == [
+            "created",
+            "exists",
+            "unknown_machine",
+            "created",
+        ]
+        conflict = await vends.create_many(conn, [(_request("order-a", slot=9), DEADLINE)])
+        assert conflict[0][0] == "conflict"
+        rows = await conn.fetch(
+            "SELECT vend_id FROM vends WHERE machine_id = 'VM-1' ORDER BY queue_seq"
+        )
+        assert [r["vend_id"] for r in rows] == ["order-old", "order-a", "order-c"]
+        created = await conn.fetchval(
+            "SELECT count(*) FROM vend_transitions WHERE event = 'created'"
+        )
+        assert created == 3

@@ -436,7 +436,8 @@ async def test_claim_takes_only_the_head_of_each_vend(pool: asyncpg.Pool) -> Non
         assert await outbox.mark_failed(conn, claimed[0].id, "HTTP 500", later, attempt=1)
         assert not await outbox.mark_failed(conn, claimed[0].id, "old", later, attempt=0)
         assert await outbox.claim_due(conn, 10) == []  # not due yet
-        assert await outbox.mark_delivered(conn, claimed[1].id)
+        assert await outbox.mark_delivered_many(conn, [claimed[1].id]) == 1
+        assert await outbox.mark_delivered_many(conn, [claimed[1].id, claimed[1].id]) == 0
         assert not await outbox.mark_delivered(conn, claimed[1].id)
         now = await conn.fetchval("SELECT now()")
         assert await outbox.mark_failed(conn, claimed[0].id, "HTTP 500", now, attempt=1)
