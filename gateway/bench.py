@@ -8,9 +8,20 @@ it compares three independent records — the fleet's dispense log (every motor 
 the database, and the webhooks received — and fails unless every accepted vend was
 dispensed at most once and ended dispensed or reported not dispensed.
 
+With ``gateways`` > 1, that many gateway processes share the broker and the database, each
+with its own HTTP port and state folder (so its own MQTT client id, in the shared
+subscription); the load generator spreads its requests round robin over their URLs and
+every gateway sends its webhooks to the same recorder.
+
 Latency is measured from the database: ``settled_at - created_at`` of each vend, both
 stamped by PostgreSQL (accepted to final). Gateway CPU is read from /proc for the
-gateway process alone, between the first request and the last settled vend.
+gateway processes alone (summed), between the go given to the load generator and the last
+settled vend; the fleet's CPU over the same window, the load generator's over its own run,
+and the whole host's busy time, say which process, if any, was the bottleneck.
+
+Then, unless ``limits`` is off, with the gateways stopped: ``limits.http_rps``, the same
+load generator (same vends, concurrency and rate) against a bare aiohttp handler
+(``python -m gateway.bench bare-http``) that reads the JSON body and answers 202.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import secrets
@@ -28,15 +40,19 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import asyncpg
 
 from gateway.benchkit import (
+    GatewayProcess,
+    Services,
     cpu_seconds,
+    host_cpu_seconds,
     percentile,
     rss_mb,
     start_gateway,
@@ -45,7 +61,7 @@ from gateway.benchkit import (
 )
 from gateway.checker import VendFact, check
 from gateway.config import mqtt_address
-from gateway.lifecycle import NOT_DISPENSED, VendStatus
+from gateway.lifecycle import FINAL, NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
 from gateway.store import db, vends
@@ -54,6 +70,14 @@ from gateway.webhooks import WebhookRecorder
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"  # noqa: S105  (a throwaway test secret)
 READY_MARK = b"FLEET-READY "
 FLEET_LINE_LIMIT = 16 * 1024 * 1024
+LOAD_READY: Final = "LOAD-READY"
+HTTP_READY: Final = "HTTP-READY "
+RESULT_MARK: Final = "RESULT "
+TARGET_US_PER_VEND: Final = 250
+# Cores busy on average at which a single-threaded (asyncio) process is taken as saturated,
+# and the share of the host's CPUs at which the host is.
+SATURATED_CORES: Final = 0.9
+HOST_SATURATED: Final = 0.9
 
 
 @dataclass
@@ -68,13 +92,51 @@ class BenchSettings:
     slots: int = 10
     deadline_s: int = 60
     settle_timeout_s: float = 120.0
+    gateways: int = 1
+    limits: bool = True  # measure limits.http_rps after the run
     broker: str | None = None
     dsn: str | None = None
     workdir: Path | None = None
+    # Where gateways 2..N keep their state folder (their MQTT client ids): a stable place, so
+    # that against an external broker a later run resumes their sessions in the shared
+    # subscription instead of leaving them behind. None: the work directory. Gateway 1 keeps
+    # the default state folder, as a single gateway always has.
+    state_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds of the run's processes, read from /proc, and the windows they cover."""
+
+    window_s: float  # the go to the last settled vend: the gateways, the fleet, the host
+    gateways_s: tuple[float, ...]
+    fleet_s: float
+    loadgen_s: float  # over the load generator's own run, from the go to its last answer
+    host_busy_s: float  # every process on the host, over window_s
+    host_cpus: int
+
+
+@dataclass(frozen=True)
+class _Sample:
+    wall: float
+    gateways: tuple[float, ...]
+    fleet: float
+    host: float
+
+
+def _sample(gateways: list[GatewayProcess], fleet_pid: int) -> _Sample:
+    return _Sample(
+        wall=time.time(),
+        gateways=tuple(cpu_seconds(g.pid) for g in gateways),
+        fleet=cpu_seconds(fleet_pid),
+        host=host_cpu_seconds(),
+    )
 
 
 async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run the whole benchmark and return the JSON result."""
+    if settings.gateways < 1:
+        raise ValueError("a benchmark needs at least one gateway")
     work = settings.workdir or Path(tempfile.mkdtemp(prefix="vendgate-bench-"))
     secret = secrets.token_bytes(32)
     async with contextlib.AsyncExitStack() as stack:
@@ -85,37 +147,18 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         hook_url = await receiver.serve()
         stack.push_async_callback(receiver.close)
 
-        gateway = await start_gateway(
-            stack,
-            services,
-            secret,
-            [
-                f"webhook.url={hook_url}",
-                f"webhook.secret={WEBHOOK_SECRET}",
-                "webhook.retry_base_s=0.2",
-            ],
+        gateways = await _start_gateways(
+            stack, services, secret, hook_url=hook_url, settings=settings, work=work
         )
-        http_url = gateway.http_url
+        urls = [g.http_url for g in gateways]
 
         # Machines are registered before they connect, as in production: a gateway drops
-        # frames from machines it does not know.
+        # frames from machines it does not know (the others find them in the database).
         names = FleetSettings(
             broker_host="127.0.0.1", broker_port=1, master_secret=secret, machines=settings.machines
         )
         machine_ids = [names.machine_id(i) for i in range(settings.machines)]
-        async with aiohttp.ClientSession() as session:
-            sem = asyncio.Semaphore(32)
-
-            async def register(machine_id: str) -> None:
-                async with (
-                    sem,
-                    session.post(
-                        f"{http_url}/v1/machines", json={"machine_id": machine_id}
-                    ) as response,
-                ):
-                    response.raise_for_status()
-
-            await asyncio.gather(*(register(m) for m in machine_ids))
+        await _register(urls[0], machine_ids)
 
         fleet_log = work / "dispense.jsonl"
         fleet, connected = await start_fleet(
@@ -135,7 +178,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         await asyncio.sleep(0.5)  # Hello -> Time for every machine
 
         load_args = {
-            "url": http_url,
+            "urls": urls,
             "machines": machine_ids,
             "vends": settings.vends,
             "rate": settings.rate,
@@ -143,56 +186,253 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
             "slots": settings.slots,
             "deadline_s": settings.deadline_s,
         }
-        cpu_before = cpu_seconds(gateway.pid)
         started = time.time()
-        load = await asyncio.create_subprocess_exec(
+        load = await _LoadGenerator.start(stack, load_args)
+        before = _sample(gateways, fleet.pid)
+        await load.go()
+        load_result, loadgen_cpu = await load.finish()
+
+        pool = await db.create_pool(dsn, min_size=1, max_size=2)
+        stack.push_async_callback(pool.close)
+        settled = await _settle(pool, gateways, settings.settle_timeout_s)
+        after = _sample(gateways, fleet.pid)
+        elapsed = time.time() - started
+        rss = [rss_mb(g.pid) for g in gateways]
+        await asyncio.sleep(1.0)  # let the last webhooks and result re-sends land
+        rows, history = await _fetch_vends(pool, work)
+        await stop_process(fleet)
+        turns = read_dispense_log(fleet_log)
+
+        limits: dict[str, Any] = {"http_rps": None}
+        if settings.limits:
+            for gateway in gateways:  # the limit is measured on a quiet host
+                await stop_process(gateway.process)
+            limits = await http_limit(load_args)
+
+    cpu = CpuUse(
+        window_s=after.wall - before.wall,
+        gateways_s=tuple(a - b for a, b in zip(after.gateways, before.gateways, strict=True)),
+        fleet_s=after.fleet - before.fleet,
+        loadgen_s=loadgen_cpu,
+        host_busy_s=after.host - before.host,
+        host_cpus=os.cpu_count() or 1,
+    )
+    return _report(
+        settings,
+        load=load_result,
+        rows=rows,
+        history=history,
+        turns=turns,
+        receiver=receiver,
+        settled=settled,
+        elapsed=elapsed,
+        cpu=cpu,
+        rss=rss,
+        limits=limits,
+        work=work,
+    )
+
+
+async def _start_gateways(
+    stack: contextlib.AsyncExitStack,
+    services: Services,
+    secret: bytes,
+    *,
+    hook_url: str,
+    settings: BenchSettings,
+    work: Path,
+) -> list[GatewayProcess]:
+    """Start the gateways one after the other (each applies the migrations at start-up)."""
+    common = [
+        f"webhook.url={hook_url}",
+        f"webhook.secret={WEBHOOK_SECRET}",
+        "webhook.retry_base_s=0.2",
+    ]
+    state_base = settings.state_dir or work
+    gateways: list[GatewayProcess] = []
+    for i in range(settings.gateways):
+        own: list[str] = []
+        if i:
+            # Its own state folder, so its own MQTT client id and session in the shared
+            # subscription (gateway.app.Gateway._client_id): next to database.data_dir.
+            own.append(f"database.data_dir={state_base / f'bench-gateway-{i + 1}' / 'pgdata'}")
+        name = "gateway" if settings.gateways == 1 else f"gateway-{i + 1}"
+        gateways.append(await start_gateway(stack, services, secret, common + own, name=name))
+    return gateways
+
+
+async def _settle(pool: asyncpg.Pool, gateways: list[GatewayProcess], timeout_s: float) -> bool:
+    """Wait until every vend is settled (False: not in ``timeout_s``); fail if a gateway dies."""
+    async with pool.acquire() as conn:
+        settle = asyncio.create_task(vends.wait_settled(conn, timeout_s), name="bench.settle")
+        exits = [
+            asyncio.create_task(g.process.wait(), name=f"bench.gateway_exit.{i}")
+            for i, g in enumerate(gateways)
+        ]
+        try:
+            await asyncio.wait([settle, *exits], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in exits:
+                task.cancel()
+        if not settle.done():
+            settle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settle
+            dead = next(g for g in gateways if g.process.returncode is not None)
+            raise RuntimeError(
+                f"a gateway exited with code {dead.process.returncode} during the run "
+                f"(its log: {dead.log})"
+            )
+        return settle.result()
+
+
+async def _register(http_url: str, machine_ids: list[str]) -> None:
+    async with aiohttp.ClientSession() as session:
+        sem = asyncio.Semaphore(32)
+
+        async def register(machine_id: str) -> None:
+            async with (
+                sem,
+                session.post(
+                    f"{http_url}/v1/machines", json={"machine_id": machine_id}
+                ) as response,
+            ):
+                response.raise_for_status()
+
+        await asyncio.gather(*(register(m) for m in machine_ids))
+
+
+async def _fetch_vends(
+    pool: asyncpg.Pool, work: Path
+) -> tuple[list[asyncpg.Record], list[tuple[str, str, float]]]:
+    """Return every vend's facts and the transitions (vend, state, at); write those down."""
+    rows = await pool.fetch(
+        "SELECT vend_id, wire_id, state, "
+        "extract(epoch FROM settled_at - created_at) * 1000 AS latency_ms, "
+        "extract(epoch FROM settled_at) AS settled, extract(epoch FROM created_at) AS created "
+        "FROM vends"
+    )
+    history = await pool.fetch(
+        "SELECT vend_id, to_state, event, extract(epoch FROM at) AS at "
+        "FROM vend_transitions ORDER BY id"
+    )
+    lines = [json.dumps({k: float(v) if k == "at" else v for k, v in h.items()}) for h in history]
+    (work / "transitions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return list(rows), [(h["vend_id"], h["to_state"], float(h["at"])) for h in history]
+
+
+class _LoadGenerator:
+    """The load generator child (``_load_main``): started, then told to go on its stdin.
+
+    It prints its result, then waits for its stdin to close before it exits, so that its
+    CPU time can still be read from /proc once its load is done.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self._cpu_at_go = 0.0
+
+    @classmethod
+    async def start(
+        cls, stack: contextlib.AsyncExitStack | None, args: dict[str, Any]
+    ) -> _LoadGenerator:
+        """Start it; return once it is ready to send, its HTTP session made."""
+        process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "gateway.bench",
             "load",
-            json.dumps(load_args),
+            json.dumps({**args, "go_on_stdin": True}),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        out, _ = await load.communicate()
-        load_result = json.loads(out.decode().strip().splitlines()[-1])
+        if stack is not None:
+            stack.push_async_callback(stop_process, process)
+        assert process.stdout is not None  # noqa: S101  (PIPE was asked for)
+        try:
+            await asyncio.wait_for(_read_marked(process.stdout, LOAD_READY), timeout=60)
+        except BaseException:
+            await stop_process(process)
+            raise
+        return cls(process)
 
-        pool = await db.create_pool(dsn, min_size=1, max_size=2)
-        stack.push_async_callback(pool.close)
-        async with pool.acquire() as conn:
-            settled = await vends.wait_settled(conn, settings.settle_timeout_s)
-        cpu_after = cpu_seconds(gateway.pid)
-        elapsed = time.time() - started
-        rss = rss_mb(gateway.pid)
-        await asyncio.sleep(1.0)  # let the last webhooks and result re-sends land
-        rows = await pool.fetch(
-            "SELECT vend_id, wire_id, state, "
-            "extract(epoch FROM settled_at - created_at) * 1000 AS latency_ms, "
-            "extract(epoch FROM settled_at) AS settled, extract(epoch FROM created_at) AS created "
-            "FROM vends"
-        )
-        history = await pool.fetch(
-            "SELECT vend_id, to_state, event, extract(epoch FROM at) AS at "
-            "FROM vend_transitions ORDER BY id"
-        )
-        lines = [
-            json.dumps({k: float(v) if k == "at" else v for k, v in h.items()}) for h in history
-        ]
-        (work / "transitions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        await stop_process(fleet)
-        turns = read_dispense_log(fleet_log)
+    async def go(self) -> None:
+        """Start the load."""
+        assert self.process.stdin is not None  # noqa: S101  (PIPE was asked for)
+        self._cpu_at_go = cpu_seconds(self.process.pid)
+        self.process.stdin.write(b"go\n")
+        await self.process.stdin.drain()
 
-    return _report(
-        settings,
-        load_result,
-        rows,
-        turns,
-        receiver,
-        settled,
-        elapsed,
-        cpu_after - cpu_before,
-        rss,
-        work,
+    async def finish(self) -> tuple[dict[str, Any], float]:
+        """Wait for the result; return it and the CPU seconds the load took; let it exit."""
+        assert self.process.stdout is not None  # noqa: S101  (PIPE was asked for)
+        assert self.process.stdin is not None  # noqa: S101
+        result = await _read_marked(self.process.stdout, RESULT_MARK)
+        cpu = cpu_seconds(self.process.pid) - self._cpu_at_go
+        self.process.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), timeout=10)
+        await stop_process(self.process)
+        return result, cpu
+
+
+async def _read_marked(stream: asyncio.StreamReader, mark: str) -> dict[str, Any]:
+    """Read a child's stdout until a line starting with ``mark``; return its JSON, if any."""
+    while line := await stream.readline():
+        text = line.decode().rstrip("\n")
+        if text.startswith(mark):
+            rest = text[len(mark) :].strip()
+            value: dict[str, Any] = json.loads(rest) if rest else {}
+            return value
+    raise RuntimeError(f"a bench child exited before its {mark.strip()} line")
+
+
+async def http_limit(load_args: dict[str, Any]) -> dict[str, Any]:
+    """Run the same load against a bare aiohttp handler; return ``http_rps`` and details."""
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.bench",
+        "bare-http",
+        "{}",
+        stdout=asyncio.subprocess.PIPE,
     )
+    try:
+        assert server.stdout is not None  # noqa: S101  (PIPE was asked for)
+        ready = await asyncio.wait_for(_read_marked(server.stdout, HTTP_READY), timeout=60)
+        load = await _LoadGenerator.start(None, {**load_args, "urls": [ready["url"]]})
+        try:
+            server_before = cpu_seconds(server.pid)
+            await load.go()
+            result, loadgen_cpu = await load.finish()
+            server_cpu = cpu_seconds(server.pid) - server_before
+        finally:
+            await stop_process(load.process)
+    finally:
+        await stop_process(server)
+    answered = int(result["statuses"].get("202", 0))
+    load_s = float(result["elapsed_s"])
+    rps = round(answered / load_s, 1) if answered and load_s > 0 else None
+    return {
+        "http_rps": rps,
+        "http": {
+            "rps": rps,
+            "requests": load_args["vends"],
+            "answered_202": answered,
+            "statuses": result["statuses"],
+            "elapsed_s": load_s,
+            "post_p99_ms": result["post_p99_ms"],
+            "rate": load_args["rate"],
+            "concurrency": load_args["concurrency"],
+            "server": f"aiohttp {aiohttp.__version__}, one process, POST /v1/vends -> 202",
+            "server_cpu_s": round(server_cpu, 3),
+            "server_cpu_us_per_request": round(server_cpu * 1e6 / answered, 1)
+            if answered
+            else None,
+            "loadgen_cpu_s": round(loadgen_cpu, 3),
+            "loadgen_cores": _per_s(loadgen_cpu, load_s),
+        },
+    }
 
 
 async def start_fleet(
@@ -227,16 +467,66 @@ async def fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
     raise RuntimeError("the fleet process exited before it was ready")
 
 
-def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
+# --- the result --------------------------------------------------------------------------------
+
+
+def _per_s(amount: float | None, seconds: float | None) -> float | None:
+    if amount is None or not seconds or seconds <= 0:
+        return None
+    return round(amount / seconds, 3)
+
+
+def ratios(throughput_vps: float | None, limits: dict[str, Any]) -> dict[str, float | None]:
+    """Return our rates over the limits measured (None where a limit is missing or zero)."""
+    http_rps = limits.get("http_rps")
+    if throughput_vps is None or not http_rps:
+        return {"vps_over_http_rps": None}
+    return {"vps_over_http_rps": round(throughput_vps / http_rps, 3)}
+
+
+def latency_stages(history: Iterable[tuple[str, str, float]]) -> dict[str, dict[str, float]]:
+    """Split accepted-to-final by stage, from the transitions (vend, state, at in seconds).
+
+    ``accepted_to_sent``: waiting in the gateway until the vend is published (a machine
+    takes one vend at a time); ``sent_to_final``: the machine's round trip, dispensing
+    included. Percentiles in ms over the vends that reached both ends of a stage.
+    """
+    final = {s.value for s in FINAL}
+    firsts: dict[str, dict[str, float]] = {}
+    for vend_id, state, at in history:
+        seen = firsts.setdefault(vend_id, {})
+        key = "final" if state in final else state
+        if key not in seen:
+            seen[key] = at
+    stages: dict[str, list[float]] = {"accepted_to_sent": [], "sent_to_final": []}
+    for seen in firsts.values():
+        if "accepted" in seen and "sent" in seen:
+            stages["accepted_to_sent"].append((seen["sent"] - seen["accepted"]) * 1000)
+        if "sent" in seen and "final" in seen:
+            stages["sent_to_final"].append((seen["final"] - seen["sent"]) * 1000)
+    return {
+        name: {
+            "p50": round(percentile(values, 0.50), 1),
+            "p99": round(percentile(values, 0.99), 1),
+            "vends": len(values),
+        }
+        for name, values in stages.items()
+    }
+
+
+def _report(
     settings: BenchSettings,
+    *,
     load: dict[str, Any],
     rows: list[asyncpg.Record],
+    history: list[tuple[str, str, float]],
     turns: list[DispenseRecord],
     receiver: WebhookRecorder,
     settled: bool,
     elapsed: float,
-    cpu_s: float,
-    rss_mb: float,
+    cpu: CpuUse,
+    rss: list[float],
+    limits: dict[str, Any],
     work: Path,
 ) -> dict[str, Any]:
     verdict = check(
@@ -254,7 +544,11 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
         else 0.0
     )
     completed = len(final_rows)
-    return {
+    cpu_s = sum(cpu.gateways_s)
+    throughput = round(completed / window, 1) if window > 0 else 0.0
+    cpu_us = round(cpu_s * 1e6 / completed, 1) if completed else None
+    result: dict[str, Any] = {
+        "profile": "vends",
         "machines": settings.machines,
         "vends_requested": settings.vends,
         "vends_accepted": load["accepted"],
@@ -268,16 +562,18 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
         "webhook_duplicate_events": verdict.webhook_duplicates,
         "problems": verdict.problems[:20],
         "webhook_bad_signatures": receiver.rejected,
-        "throughput_vps": round(completed / window, 1) if window > 0 else 0.0,
+        "throughput_vps": throughput,
         "latency_ms": {
             "p50": round(percentile(latencies, 0.50), 1),
             "p95": round(percentile(latencies, 0.95), 1),
             "p99": round(percentile(latencies, 0.99), 1),
             "mean": round(statistics.fmean(latencies), 1) if latencies else 0.0,
         },
-        "gateway_cpu_us_per_vend": round(cpu_s * 1e6 / completed, 1) if completed else None,
+        "latency_stages_ms": latency_stages(history),
+        # Over every gateway: CPU summed, RSS summed (each in the *_each lists).
+        "gateway_cpu_us_per_vend": cpu_us,
         "gateway_cpu_s": round(cpu_s, 3),
-        "gateway_rss_mb": round(rss_mb, 1),
+        "gateway_rss_mb": round(sum(rss), 1),
         "elapsed_s": round(elapsed, 2),
         "load": load,
         "settled_in_time": settled,
@@ -286,9 +582,376 @@ def _report(  # noqa: PLR0917  (the whole run's evidence, assembled once)
             "concurrency": settings.concurrency,
             "dispense_ms": settings.dispense_ms,
             "deadline_s": settings.deadline_s,
+            "slots": settings.slots,
+            "gateways": settings.gateways,
+            "limits": settings.limits,
+            "broker": "external" if settings.broker else "embedded",
+            "database": "external" if settings.dsn else "embedded",
         },
         "workdir": str(work),
+        "gateways": settings.gateways,
+        "gateway_cpu_s_each": [round(c, 3) for c in cpu.gateways_s],
+        "gateway_rss_mb_each": [round(r, 1) for r in rss],
+        "fleet_cpu_s": round(cpu.fleet_s, 3),
+        "loadgen_cpu_s": round(cpu.loadgen_s, 3),
+        "cpu_window_s": round(cpu.window_s, 3),
+        "cpu_cores_busy": {
+            "gateways": _per_s(cpu_s, cpu.window_s),
+            "gateway_each": [_per_s(c, cpu.window_s) for c in cpu.gateways_s],
+            "fleet": _per_s(cpu.fleet_s, cpu.window_s),
+            "loadgen": _per_s(cpu.loadgen_s, load.get("elapsed_s")),
+            "host": _per_s(cpu.host_busy_s, cpu.window_s),
+            # The host's busy time less the processes above: the broker, PostgreSQL, this
+            # orchestrator and anything else running on the host.
+            "other": _per_s(
+                max(0.0, cpu.host_busy_s - cpu_s - cpu.fleet_s - cpu.loadgen_s), cpu.window_s
+            ),
+            "host_cpus": cpu.host_cpus,
+        },
+        "limits": limits,
+        "ratios": ratios(throughput, limits),
+        "target_us_per_vend": TARGET_US_PER_VEND,
+        "meets_target": cpu_us is not None and cpu_us <= TARGET_US_PER_VEND,
     }
+    result["bottlenecks"] = bottlenecks(result)
+    result["passed"] = passed(result)
+    return result
+
+
+def bottlenecks(result: dict[str, Any]) -> list[str]:
+    """Name the processes (or the host) that were CPU-bound over the run, by cores busy.
+
+    ``gateway N``, ``fleet``, ``loadgen``: at least `SATURATED_CORES` of a core (each is
+    one asyncio thread); ``host``: at least `HOST_SATURATED` of all its CPUs busy.
+    """
+    cores = result.get("cpu_cores_busy") or {}
+    out = [
+        f"gateway {i}"
+        for i, busy in enumerate(cores.get("gateway_each") or [], start=1)
+        if busy is not None and busy >= SATURATED_CORES
+    ]
+    out += [
+        name
+        for name in ("fleet", "loadgen")
+        if cores.get(name) is not None and cores[name] >= SATURATED_CORES
+    ]
+    host, cpus = cores.get("host"), cores.get("host_cpus")
+    if host is not None and cpus and host >= HOST_SATURATED * cpus:
+        out.append("host")
+    return out
+
+
+def _num(value: Any, unit: str = "") -> str:  # noqa: ANN401  (any JSON value)
+    if value is None:
+        return "not measured"
+    return f"{value} {unit}".rstrip()
+
+
+def _cores(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.2f}"
+
+
+def _pace(settings: dict[str, Any]) -> str:
+    if settings.get("rate"):
+        return (
+            f"open loop at {settings['rate']:g} vends/s "
+            f"(at most {settings['concurrency']} requests in flight)"
+        )
+    return f"closed loop with {settings['concurrency']} requests in flight"
+
+
+def cpu_findings(result: dict[str, Any]) -> list[str]:
+    """Say, in sentences, which process (if any) bounded the run, from the cores busy."""
+    cores = result.get("cpu_cores_busy") or {}
+    found = set(result.get("bottlenecks") or bottlenecks(result))
+    lines: list[str] = []
+    for i, busy in enumerate(cores.get("gateway_each") or [], start=1):
+        if f"gateway {i}" in found:
+            lines.append(
+                f"Gateway {i} was CPU-bound ({_cores(busy)} of a core over the window): the "
+                "gateway set the pace."
+            )
+    for key, name in (("fleet", "The fleet"), ("loadgen", "The load generator")):
+        busy = cores.get(key)
+        if busy is None:
+            lines.append(f"{name}'s CPU was not measured.")
+        elif key in found:
+            lines.append(
+                f"{name} was CPU-bound ({_cores(busy)} of a core): it may have bounded the "
+                "throughput; the gateway's CPU per vend is still its own."
+            )
+        else:
+            lines.append(f"{name} was not the bottleneck ({_cores(busy)} of a core).")
+    host, cpus, other = cores.get("host"), cores.get("host_cpus"), cores.get("other")
+    rest = (
+        f" ({_cores(other)} cores besides the processes above: the broker, PostgreSQL and "
+        "anything else running)"
+        if other is not None
+        else ""
+    )
+    if "host" in found:
+        lines.append(
+            f"The host's {cpus} CPUs were saturated, {_cores(host)} cores busy on average"
+            f"{rest}: the processes competed for them, so the rates are the host's; compare "
+            "CPU per vend across runs rather than vends/s."
+        )
+    elif host is not None and cpus and host >= 0.7 * cpus:
+        lines.append(
+            f"The host was busy, {_cores(host)} of {cpus} cores on average{rest}: the "
+            "processes competed for CPU at times."
+        )
+    elif host is not None:
+        lines.append(f"The host had CPU to spare, {_cores(host)} of {cpus} cores busy{rest}.")
+    if not found and host is not None and cpus and host >= 0.7 * cpus:
+        lines.append(
+            "No single process was CPU-bound on average over the window, but with the host "
+            "this busy they slowed each other down."
+        )
+    elif not found and host is not None:
+        lines.append(
+            "No process was CPU-bound on average over the window: the pace was set by waiting "
+            "(round trips through the broker and the database, dispense time, requests in "
+            "flight, or a vend waiting for its machine)."
+        )
+    return lines
+
+
+def latency_findings(result: dict[str, Any]) -> list[str]:
+    """Say where the accepted-to-final latency went, when one stage dominates it."""
+    stages = result.get("latency_stages_ms") or {}
+    waited = (stages.get("accepted_to_sent") or {}).get("p50")
+    trip = (stages.get("sent_to_final") or {}).get("p50")
+    if waited is None or trip is None or waited < 1000 or waited < 5 * trip:
+        return []
+    lines = [
+        (
+            f"Most of the latency was spent before the vend was sent (p50 {waited} ms, against "
+            f"{trip} ms for the machine's round trip): vends were accepted faster than they "
+            "were sent, and a machine takes one vend at a time, so they queued in the gateway."
+        )
+    ]
+    n = result.get("gateways", 1)
+    if n > 1:
+        lines.append(
+            f"With {n} gateways the wait is longer when the previous vend's result went to "
+            "another gateway: the one holding the queue must learn that the vend is final "
+            "before it sends the next; compare with a single gateway's wait."
+        )
+    return lines
+
+
+def _limit_lines(result: dict[str, Any]) -> list[str]:
+    s, limits, ratio = result["settings"], result.get("limits") or {}, result.get("ratios") or {}
+    http = limits.get("http") or {}
+    if limits.get("http_rps") is None and not http:
+        return ["Not measured (`--no-limits`)."]
+    lines = [
+        "| limit | value | our rate over it |",
+        "|---|---|---|",
+        (
+            "| bare aiohttp handler (reads the JSON body, answers 202), the same load "
+            f"generator: {http.get('requests')} requests, {_pace(s)} "
+            f"| {_num(limits.get('http_rps'), 'requests/s')} "
+            f"| {_num(ratio.get('vps_over_http_rps'))} |"
+        ),
+        "",
+        (
+            f"The bare server used {_num(http.get('server_cpu_us_per_request'), 'µs')} of CPU "
+            f"per request ({_num(http.get('server_cpu_s'), 's')}); the load generator "
+            f"{_num(http.get('loadgen_cpu_s'), 's')} ({_cores(http.get('loadgen_cores'))} of a "
+            f"core) over {_num(http.get('elapsed_s'), 's')}, p99 "
+            f"{_num(http.get('post_p99_ms'), 'ms')}."
+        ),
+    ]
+    loadgen = http.get("loadgen_cores")
+    if loadgen is not None and loadgen >= SATURATED_CORES:
+        lines.append(
+            "The load generator was CPU-bound here: the limit is what this load generator "
+            "can send, and the bare server could answer more."
+        )
+    if s.get("rate"):
+        lines.append(
+            f"In open loop the generator paces its requests at {s['rate']:g}/s, so this limit "
+            "can be no higher: it says whether the HTTP side keeps up, not how fast it could go."
+        )
+    return lines
+
+
+def _cpu_table(result: dict[str, Any]) -> list[str]:
+    cores, load = result.get("cpu_cores_busy") or {}, result["load"]
+    cpu_each = result.get("gateway_cpu_s_each") or [result["gateway_cpu_s"]]
+    busy_each = cores.get("gateway_each") or [cores.get("gateways")]
+    lines = ["| process | CPU s | cores busy on average |", "|---|---|---|"]
+    lines += [
+        f"| gateway {i} | {c} | {_cores(busy)} |"
+        for i, (c, busy) in enumerate(zip(cpu_each, busy_each, strict=False), start=1)
+    ]
+    lines += [
+        (
+            f"| fleet ({result['machines']} machines) | {_num(result.get('fleet_cpu_s'))} "
+            f"| {_cores(cores.get('fleet'))} |"
+        ),
+        (
+            f"| load generator (over its own {_num(load.get('elapsed_s'), 's')}) "
+            f"| {_num(result.get('loadgen_cpu_s'))} | {_cores(cores.get('loadgen'))} |"
+        ),
+        f"| the rest of the host (broker, PostgreSQL, others) | | {_cores(cores.get('other'))} |",
+        (
+            f"| host, every process | | {_cores(cores.get('host'))} of "
+            f"{cores.get('host_cpus', '?')} |"
+        ),
+    ]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Return a short Markdown report of a result."""
+    s, lat, load = result["settings"], result["latency_ms"], result["load"]
+    stages = result.get("latency_stages_ms") or {}
+    cores = result.get("cpu_cores_busy") or {}
+    n = result.get("gateways", 1)
+    verdict = "PASS" if passed(result) else "FAIL"
+    target = result.get("target_us_per_vend", TARGET_US_PER_VEND)
+    cpu_us = result["gateway_cpu_us_per_vend"]
+    met = "met" if cpu_us is not None and cpu_us <= target else "not met"
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(load.get("statuses", {}).items()))
+    rss_each = result.get("gateway_rss_mb_each") or [result["gateway_rss_mb"]]
+    rss = (
+        f"{result['gateway_rss_mb']} MB"
+        if n == 1
+        else " + ".join(f"{r}" for r in rss_each) + f" = {result['gateway_rss_mb']} MB"
+    )
+    spread = (
+        ""
+        if n == 1
+        else " round robin over the gateways' URLs (shifted by one every pass over the "
+        "machines, so that each machine's vends reach every gateway),"
+    )
+    services = (
+        f"Mosquitto ({s.get('broker', 'embedded')}) and PostgreSQL "
+        f"({s.get('database', 'embedded')})"
+    )
+    lines = [
+        "# vendgate vend benchmark",
+        "",
+        (
+            f"Exactly-once: **{verdict}**. Throughput {result['throughput_vps']} vends/s; "
+            f"gateway CPU {_num(cpu_us, 'µs/vend')} against a target of {target} µs/vend: "
+            f"**{met}**."
+        ),
+        "",
+        "## What ran",
+        "",
+        (
+            f"- {services}, {n} gateway process{'es' if n != 1 else ''} "
+            "(`vendgate run`) sharing them, a simulated fleet and a payment load generator, "
+            f"each its own process, on a host with {cores.get('host_cpus', '?')} CPUs (work "
+            f"directory `{result['workdir']}`)."
+        ),
+        (
+            f"- {result['machines']} machines ({s.get('slots', '?')} slots, dispense "
+            f"{s['dispense_ms']} ms); {result['vends_requested']} vends posted to "
+            f"`/v1/vends`,{spread} {_pace(s)}; vend deadline {s['deadline_s']} s."
+        ),
+        (
+            "- Latency: `settled_at - created_at` of each vend, both stamped by PostgreSQL "
+            "(accepted to final). CPU: /proc, from the go given to the load generator to the "
+            f"last settled vend ({_num(result.get('cpu_window_s'), 's')})."
+        ),
+        "",
+        "## Results",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        (
+            f"| vends accepted / requested | {result['vends_accepted']} / "
+            f"{result['vends_requested']} |"
+        ),
+        f"| HTTP statuses | {statuses} |",
+        f"| throughput, first accepted to last final | {result['throughput_vps']} vends/s |",
+        (
+            f"| load generator POST rate, p99 | {load.get('post_rps')} requests/s, "
+            f"{load.get('post_p99_ms')} ms |"
+        ),
+        (
+            f"| latency accepted to final, p50 / p95 / p99 (mean) | {lat['p50']} / {lat['p95']} "
+            f"/ {lat['p99']} ms ({lat['mean']} ms) |"
+        ),
+    ]
+    for key, label in (
+        ("accepted_to_sent", "of which accepted to sent (waiting in the gateway)"),
+        ("sent_to_final", "of which sent to final (the machine's round trip)"),
+    ):
+        if key in stages:
+            lines.append(f"| {label}, p50 / p99 | {stages[key]['p50']} / {stages[key]['p99']} ms |")
+    lines += [
+        (
+            f"| gateway CPU{' (sum)' if n != 1 else ''} | {result['gateway_cpu_s']} s, "
+            f"{_num(cpu_us, 'µs/vend')} (target {target}: {met}) |"
+        ),
+        f"| gateway RSS{' (each = sum)' if n != 1 else ''} | {rss} |",
+        f"| all settled in time | {'yes' if result['settled_in_time'] else 'no'} |",
+        f"| elapsed, load start to last settled | {result['elapsed_s']} s |",
+    ]
+    if findings := latency_findings(result):
+        lines += ["", *findings]
+    lines += [
+        "",
+        "## Exactly-once",
+        "",
+        (
+            f"**{verdict}**: dispensed {result['vends_dispensed']}, not dispensed "
+            f"{result['vends_not_dispensed']}, unknown {result['vends_unknown']}; duplicates "
+            f"{result['duplicates']}, lost {result['lost']}, conflicts {result['conflicts']}; "
+            f"webhooks missing {result['webhooks_missing']}, duplicate webhook events "
+            f"{result['webhook_duplicate_events']}, bad signatures "
+            f"{result['webhook_bad_signatures']}. The fleet's dispense log, the database and "
+            "the webhooks received were compared."
+        ),
+    ]
+    if result["problems"]:
+        lines += ["", *(f"- {p}" for p in result["problems"])]
+    lines += ["", "## Limits (same run, gateways stopped)", "", *_limit_lines(result)]
+    lines += ["", "## Where the CPU went", "", *_cpu_table(result), "", *cpu_findings(result)]
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict[str, Any]) -> str:
+    """Return the human summary of a result."""
+    lat = result["latency_ms"]
+    cores = result.get("cpu_cores_busy") or {}
+    limits, ratio = result.get("limits") or {}, result.get("ratios") or {}
+    n = result.get("gateways", 1)
+    text = (
+        f"machines {result['machines']}, vends accepted {result['vends_accepted']}: "
+        f"dispensed {result['vends_dispensed']}, not dispensed {result['vends_not_dispensed']}, "
+        f"unknown {result['vends_unknown']}\n"
+        f"duplicates {result['duplicates']}, lost {result['lost']}, "
+        f"conflicts {result['conflicts']}\n"
+        f"throughput {result['throughput_vps']} vends/s; latency accepted->final "
+        f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms\n"
+        f"gateway CPU {result['gateway_cpu_us_per_vend']} us/vend, "
+        f"RSS {result['gateway_rss_mb']} MB"
+    )
+    if "gateways" in result:
+        text += (
+            f"\ngateways {n} (CPU {result['gateway_cpu_s']} s"
+            + (f", each {result['gateway_cpu_s_each']} s" if n != 1 else "")
+            + (f"; RSS each {result['gateway_rss_mb_each']} MB" if n != 1 else "")
+            + f"), fleet CPU {result['fleet_cpu_s']} s ({_cores(cores.get('fleet'))} core), "
+            f"load generator CPU {result['loadgen_cpu_s']} s ({_cores(cores.get('loadgen'))} "
+            f"core); host {_cores(cores.get('host'))} of {cores.get('host_cpus')} CPUs busy"
+            f"\nlimit: bare aiohttp {_num(limits.get('http_rps'), 'requests/s')}; "
+            f"vends/s over it {_num(ratio.get('vps_over_http_rps'))}"
+        )
+        if result.get("bottlenecks"):
+            text += f"; CPU-bound: {', '.join(result['bottlenecks'])}"
+    return text
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """Return whether the exactly-once invariants held."""
+    return bool(result["duplicates"] == 0 and result["lost"] == 0 and result["conflicts"] == 0)
 
 
 # --- child processes -----------------------------------------------------------------------
@@ -324,8 +987,27 @@ async def _fleet_main(args: dict[str, Any]) -> None:
         await stop.wait()
 
 
+def gateway_of(request: int, gateways: int, machines: int) -> int:
+    """Return which gateway request ``request`` goes to: round robin over ``gateways``.
+
+    Request ``i`` is for machine ``i % machines``; plain round robin would then send all of
+    a machine's vends to one gateway whenever the counts share a factor (50 machines, 2
+    gateways). So the rotation shifts by one after every ``lcm(machines, gateways)``
+    requests: each gateway still gets an equal share, and each machine meets every gateway.
+    """
+    return (request + request // math.lcm(max(1, machines), gateways)) % gateways
+
+
 async def _load_main(args: dict[str, Any]) -> None:
+    """Post ``vends`` vends, round robin over ``urls``; print the result line.
+
+    With ``go_on_stdin``: say ready once the HTTP session is made, start on a line from
+    stdin, and after the result wait for stdin to close (the orchestrator reads this
+    process's CPU time from /proc first).
+    """
     machines: list[str] = args["machines"]
+    urls: list[str] = args.get("urls") or [args["url"]]
+    handshake = bool(args.get("go_on_stdin"))
     rng = random.Random(1)  # noqa: S311  (slot choice for load, not security)
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -344,16 +1026,21 @@ async def _load_main(args: dict[str, Any]) -> None:
                 "currency": "CNY",
                 "deadline_s": args["deadline_s"],
             }
+            url = urls[gateway_of(i, len(urls), len(machines))]
             async with sem:
                 t0 = time.perf_counter()
                 try:
-                    async with session.post(f"{args['url']}/v1/vends", json=body) as response:
+                    async with session.post(f"{url}/v1/vends", json=body) as response:
                         await response.read()
                         statuses[response.status] += 1
                 except aiohttp.ClientError:
                     statuses[0] += 1
                 latencies.append((time.perf_counter() - t0) * 1000)
 
+        if handshake:
+            sys.stdout.write(LOAD_READY + "\n")
+            sys.stdout.flush()
+            await asyncio.to_thread(sys.stdin.readline)
         start = time.perf_counter()
         rate = args["rate"]
         tasks = []
@@ -371,8 +1058,44 @@ async def _load_main(args: dict[str, Any]) -> None:
         "elapsed_s": round(elapsed, 3),
         "post_rps": round(args["vends"] / elapsed, 1) if elapsed else 0.0,
         "post_p99_ms": round(percentile(latencies, 0.99), 1),
+        "gateways": len(urls),
     }
-    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    if handshake:
+        await asyncio.to_thread(sys.stdin.read)  # until the orchestrator closes it
+
+
+async def _bare_http_main(args: dict[str, Any]) -> None:
+    """Serve ``POST /v1/vends`` with a trivial handler: read the JSON body, answer 202."""
+    from aiohttp import web  # noqa: PLC0415  (only this child serves)
+
+    from gateway.http_api import bound_port  # noqa: PLC0415
+
+    async def vend(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(
+            {"vend_id": body.get("vend_id"), "machine_id": body.get("machine_id"), "state": "new"},
+            status=202,
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/vends", vend)
+    runner = web.AppRunner(app, access_log=None)  # as the gateway runs its own
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", int(args.get("port", 0)))
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write(HTTP_READY + json.dumps({"url": f"http://127.0.0.1:{bound_port(site)}"}))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _child(argv: list[str]) -> int:
@@ -382,30 +1105,11 @@ def _child(argv: list[str]) -> int:
         asyncio.run(_fleet_main(raw))
     elif role == "load":
         asyncio.run(_load_main(raw))
+    elif role == "bare-http":
+        asyncio.run(_bare_http_main(raw))
     else:
         raise SystemExit(f"unknown role {role!r}")
     return 0
-
-
-def summary(result: dict[str, Any]) -> str:
-    """Return the human summary of a result."""
-    lat = result["latency_ms"]
-    return (
-        f"machines {result['machines']}, vends accepted {result['vends_accepted']}: "
-        f"dispensed {result['vends_dispensed']}, not dispensed {result['vends_not_dispensed']}, "
-        f"unknown {result['vends_unknown']}\n"
-        f"duplicates {result['duplicates']}, lost {result['lost']}, "
-        f"conflicts {result['conflicts']}\n"
-        f"throughput {result['throughput_vps']} vends/s; latency accepted->final "
-        f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms\n"
-        f"gateway CPU {result['gateway_cpu_us_per_vend']} us/vend, "
-        f"RSS {result['gateway_rss_mb']} MB"
-    )
-
-
-def passed(result: dict[str, Any]) -> bool:
-    """Return whether the exactly-once invariants held."""
-    return bool(result["duplicates"] == 0 and result["lost"] == 0 and result["conflicts"] == 0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def host_cpu_seconds() -> float:
+    """Return the CPU time the whole host has been busy, over all its CPUs (man 5 proc).
+
+    User, nice, system, irq, softirq and steal time of the ``cpu`` line of /proc/stat; idle
+    and iowait are left out. Divided by a wall-clock span, it gives the cores busy on average.
+    """
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu "):
+            ticks = [int(v) for v in line.split()[1:]]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
+            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return 0.0
+
+
 def rss_mb(pid: int) -> float:
     """Return the resident set size of process ``pid`` in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -454,15 +454,21 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
         concurrency=args.concurrency,
         dispense_ms=args.dispense_ms,
         deadline_s=args.deadline_s,
+        gateways=args.gateways,
+        limits=args.limits,
         broker=config.mqtt.url,
         dsn=config.database.dsn,
         workdir=args.workdir,
+        # Gateways 2..N keep their MQTT client ids beside the first one's state folder.
+        state_dir=config.database.data_dir.parent,
     )
     result = asyncio.run(bench.run_bench(settings))
     print(bench.summary(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        report = args.json.with_suffix(".md")
+        report.write_text(bench.markdown(result), encoding="utf-8")
+        print(f"wrote {args.json} and {report}")
     ok = bench.passed(result)
     print("exactly-once: PASS" if ok else "exactly-once: FAIL")
     return 0 if ok else 1
@@ -550,7 +556,8 @@ def _register_bench(commands: Subcommands) -> None:
         description="Run the gateway and its load as separate processes (embedded Mosquitto "
         "and PostgreSQL unless mqtt.url / database.dsn are set). Profile vends: a simulated "
         "fleet and a payment load generator, then check the dispense log against the "
-        "database and the webhooks; exits 1 on any duplicate, lost vend or conflict. "
+        "database and the webhooks; exits 1 on any duplicate, lost vend or conflict; then the "
+        "same load against a bare aiohttp handler, for the HTTP limit. "
         "Profile telemetry: a generator publishing Telemetry frames for registered machines, "
         "then check every row is stored once, and measure the MQTT and COPY limits in the "
         "same run; exits 1 on any lost, duplicated or altered row. Profile storm: restart "
@@ -577,12 +584,31 @@ def _register_bench(commands: Subcommands) -> None:
         "as fast as possible for telemetry)",
     )
     parser.add_argument("--workdir", type=Path, help="keep logs and data here")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the result as JSON (vends and telemetry: a Markdown report to PATH.md too)",
+    )
+    parser.add_argument(
+        "--no-limits",
+        dest="limits",
+        action="store_false",
+        help="skip measuring the limits (telemetry: MQTT and COPY; vends: a bare aiohttp "
+        "handler under the same load)",
+    )
     vends = parser.add_argument_group("vends profile")
     vends.add_argument("--vends", type=int, default=500, metavar="V")
     vends.add_argument("--concurrency", type=int, default=64, help="closed-loop requests in flight")
     vends.add_argument("--dispense-ms", type=int, default=0, help="simulated motor time")
     vends.add_argument("--deadline-s", type=int, default=60, help="deadline of each vend")
+    vends.add_argument(
+        "--gateways",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="gateway processes sharing the broker and database; requests round robin",
+    )
     storm = parser.add_argument_group("storm profile")
     storm.add_argument(
         "--api-rps", type=float, default=50.0, help="API probes per second during the storm"
@@ -591,9 +617,7 @@ def _register_bench(commands: Subcommands) -> None:
         "--recover-within-s", type=float, default=30.0, help="every machine back online by then"
     )
     storm.add_argument("--api-p99-ms", type=float, default=1000.0, help="API p99 limit")
-    telemetry = parser.add_argument_group(
-        "telemetry profile", "(--json PATH also writes a Markdown report to PATH.md)"
-    )
+    telemetry = parser.add_argument_group("telemetry profile")
     telemetry.add_argument(
         "--messages", type=_int_at_least(1), default=20_000, metavar="N", help="frames to send"
     )
@@ -620,12 +644,6 @@ def _register_bench(commands: Subcommands) -> None:
         default=120.0,
         metavar="S",
         help="how long to wait for rows after the last publish",
-    )
-    telemetry.add_argument(
-        "--no-limits",
-        dest="limits",
-        action="store_false",
-        help="skip measuring the MQTT and COPY limits",
     )
     telemetry.add_argument(
         "--republish",
