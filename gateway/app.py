@@ -182,6 +182,7 @@ class Gateway:
             metrics=self.metrics,
             on_webhook=deliverer.wake,
             on_result=_ResultHook(config.planogram.slot_failure_limit, self.metrics).run,
+            listen=pool,
         )
         configsync = ConfigSync(
             send=dispatcher.send,

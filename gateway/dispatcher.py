@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
+import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
+
+import asyncpg
 
 from gateway.errors import GatewayError
 from gateway.keys import KeyRing
@@ -154,7 +159,12 @@ async def _move_one(conn: Conn, move: vends.Move) -> VendRow | None:
         dispense=move.dispense,
         attempts=move.attempts,
         actor=move.actor,
+        origin=move.origin,
     )
+
+
+def _set_on_close(event: asyncio.Event, _conn: object) -> None:
+    event.set()
 
 
 _MOVES: Final[Batchable[vends.Move, VendRow | None]] = Batchable(
@@ -179,8 +189,13 @@ class Dispatcher:
         on_webhook: Callable[[], None] | None = None,
         reconcile_s: float = 30.0,
         on_result: ResultHook | None = None,
+        listen: asyncpg.Pool | None = None,
     ) -> None:
         self._writer = writer
+        # Where to LISTEN for vends settled by other gateways (vends.SETTLED_CHANNEL), and
+        # this dispatcher's name in those notifications, to skip its own.
+        self._listen = listen
+        self._origin = secrets.token_hex(6)
         self._publisher = publisher
         self._keys = keys
         self._topics = topics
@@ -214,6 +229,10 @@ class Dispatcher:
             try:
                 self._recover(rows)
                 tasks.create_task(self._reconcile_loop(), name="gateway.dispatch.reconcile")
+                if self._listen is not None:
+                    tasks.create_task(
+                        self._listen_loop(self._listen), name="gateway.dispatch.listen"
+                    )
                 await self._timer_loop()
             finally:
                 self._tasks = None
@@ -312,6 +331,43 @@ class Dispatcher:
         if lock is None:
             lock = self._locks[machine_id] = asyncio.Lock()
         return lock
+
+    async def _listen_loop(self, pool: asyncpg.Pool) -> None:
+        """Hold a connection that LISTENs for settled vends; reconnect, and reconcile, if lost.
+
+        Another gateway may take a machine's result (the uplinks are a shared subscription)
+        and settle a vend that this one holds at the head of the machine's queue; without
+        the notification the queue would wait for the next reconcile pass.
+        """
+        attempt = 0
+        while True:
+            try:
+                async with pool.acquire() as conn:
+                    lost = asyncio.Event()
+                    conn.add_termination_listener(functools.partial(_set_on_close, lost))
+                    await conn.add_listener(vends.SETTLED_CHANNEL, self._on_settled)
+                    try:
+                        if attempt:
+                            await self.reconcile()  # what was settled while not listening
+                        attempt = 0
+                        await lost.wait()
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await conn.remove_listener(vends.SETTLED_CHANNEL, self._on_settled)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, GatewayError) as exc:
+                log.warning("dispatch_listen_failed", error=f"{type(exc).__name__}: {exc}")
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))  # noqa: S311
+
+    def _on_settled(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        """Catch up with a vend settled elsewhere, if this gateway still tracks it."""
+        vend_id, _, origin = str(payload).rpartition(" ")
+        if origin == self._origin:
+            return
+        t = self._vends.get(vend_id)
+        if t is None or t.state.is_final:
+            return
+        self._spawn(self._refresh(t), f"gateway.dispatch.settled.{vend_id}")
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -431,7 +487,7 @@ class Dispatcher:
                 if row is not None:  # always: the writer runs it only for a result
                     await hook(conn, row, dispense, False)  # noqa: FBT003
 
-        move = vends.Move(t.vend_id, event, detail, record, attempts, actor)
+        move = vends.Move(t.vend_id, event, detail, record, attempts, actor, self._origin)
         # Batched with other vends' moves: one statement for all of a commit's state changes.
         row = await self._writer.submit_batchable(_MOVES, t.vend_id, move, then=then)
         if row is None:

@@ -275,7 +275,13 @@ def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome,
     return None
 
 
-# The state change and its history row, in one statement (one round trip).
+#: PostgreSQL NOTIFY channel: "<vend_id> <origin>" whenever a change settles a vend, so that
+#: the gateway whose queue holds it (another gateway may have taken the machine's result,
+#: MQTT 5 shared subscriptions) moves on at once rather than at its next reconcile pass.
+SETTLED_CHANNEL: Final = "vendgate_vend_settled"
+
+# The state change and its history row, in one statement (one round trip), and the
+# notification when it settles the vend (delivered at commit).
 _APPLY: Final = """
 WITH old AS (SELECT state FROM vends WHERE vend_id = $1 FOR UPDATE),
 moved AS (
@@ -294,7 +300,9 @@ moved AS (
     INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail)
     SELECT vend_id, from_state, state, $7, $8, $9::jsonb FROM moved
 )
-SELECT * FROM moved
+SELECT m.*, CASE WHEN $5 AND m.from_state <> m.state
+                 THEN pg_notify('vendgate_vend_settled', m.vend_id || ' ' || $10) END
+FROM moved m
 """
 
 
@@ -307,8 +315,11 @@ async def apply(
     dispense: dict[str, Any] | None = None,
     attempts: int = 0,
     actor: str = "gateway",
+    origin: str = "",
 ) -> VendRow | None:
     """Apply ``event`` if the vend's current state allows it; return the new row or None.
+
+    When it settles the vend, `SETTLED_CHANNEL` is notified with ``origin``.
 
     None means the compare-and-set found the vend in a state the event does not move
     (already moved by another message or gateway, or no such vend): nothing was written.
@@ -325,6 +336,7 @@ async def apply(
         event.value,
         actor,
         None if detail is None else json.dumps(detail),
+        origin,
     )
     if record is None:
         return None
@@ -346,6 +358,7 @@ class Move:
     dispense: dict[str, Any] | None = None
     attempts: int = 0
     actor: str = "gateway"
+    origin: str = ""  # who moves it, in the settled notification
 
 
 # `_APPLY` for many vends at once (distinct ids): one statement, whatever their number.
@@ -374,7 +387,9 @@ WITH x AS (
     SELECT m.vend_id, m.from_state, m.state, x.event, x.actor, x.detail
     FROM moved m JOIN x USING (vend_id)
 )
-SELECT * FROM moved
+SELECT m.*, CASE WHEN x.settles AND m.from_state <> m.state
+                 THEN pg_notify('vendgate_vend_settled', m.vend_id || ' ' || $10) END
+FROM moved m JOIN x USING (vend_id)
 """
 
 
@@ -395,6 +410,8 @@ async def apply_many(conn: Conn, moves: Sequence[Move]) -> list[VendRow | None]:
     """`apply` for vends with distinct ids, in one statement; results in ``moves`` order."""
     if len({m.vend_id for m in moves}) != len(moves):
         raise ValueError("apply_many needs distinct vend ids")
+    if len({m.origin for m in moves}) > 1:
+        raise ValueError("apply_many needs one origin")
     targets = [_target(m.event) for m in moves]
     records = await conn.fetch(
         _APPLY_MANY,
@@ -407,6 +424,7 @@ async def apply_many(conn: Conn, moves: Sequence[Move]) -> list[VendRow | None]:
         [m.event.value for m in moves],
         [m.actor for m in moves],
         [None if m.detail is None else json.dumps(m.detail) for m in moves],
+        moves[0].origin if moves else "",
     )
     rows: dict[str, VendRow] = {}
     webhooks: list[tuple[VendRow, str, dict[str, Any] | None]] = []

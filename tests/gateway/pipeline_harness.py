@@ -302,6 +302,7 @@ async def running(pool: asyncpg.Pool, wire: Wire) -> AsyncIterator[Pipeline]:
         topics=TOPICS,
         timing=FAST,
         metrics=metrics,
+        listen=pool,
     )
     wire.uplink = Uplink(
         topics=TOPICS,

@@ -298,3 +298,33 @@ async def test_reconcile_drops_vends_settled_elsewhere_but_keeps_newer_ones(
             )
         await p.dispatcher.reconcile()
         assert p.dispatcher.tracked == 1  # order-1 is final now; order-2 is still queued
+
+
+async def test_a_vend_settled_by_another_gateway_frees_the_machine_queue_at_once(
+    database: str,
+) -> None:
+    """Settled elsewhere (NOTIFY), the head of a machine's queue gives way to the next vend.
+
+    The machine's results for the first vend never reach this gateway, and its deadline and
+    the reconcile pass are a minute away: only the notification explains a prompt hand-over.
+    """
+    async with pipeline(database) as p:
+        first = await p.vend("order-1", ttl_s=60.0)
+        p.wire.lose_up += [
+            lambda f: isinstance(f, VendResult) and f.vend_id == first.wire_id
+        ] * 1000
+        await p.vend("order-2", ttl_s=60.0)
+        assert await p.wait_for("order-1", S.ACKNOWLEDGED) is S.ACKNOWLEDGED
+        async with p.pool.acquire() as conn, conn.transaction():
+            dispense = {"outcome": "dispensed", "reason": "none"}
+            row = await vends.apply(
+                conn,
+                "order-1",
+                VendEvent.RESULT_DISPENSED,
+                dispense=dispense,
+                origin="another-gateway",
+            )
+            assert row is not None
+        async with asyncio.timeout(5):
+            assert await p.wait_for("order-2", S.DISPENSED) is S.DISPENSED
+        assert p.dispatcher.tracked == 0
