@@ -14,14 +14,14 @@ import json
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway import __version__
 from gateway.config import Config, LogFormat, LogLevel, load_config
 from gateway.errors import BrokerUnavailableError, ConfigError
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
     from gateway import simulator as simulator_types
@@ -383,8 +383,24 @@ def _run_gateway(_args: argparse.Namespace, config: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Gateway(config).run(stop)
 
-    asyncio.run(serve())
+    run_loop(serve(), config.runtime.event_loop)
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run ``main`` to completion on a new event loop of the kind configured."""
+    import asyncio  # noqa: PLC0415  (only the commands that run a loop need it)
+
+    if event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415  (optional at import time)
+        except ImportError:
+            get_logger("gateway.cli").warning("uvloop_unavailable", fallback="asyncio")
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main)
+            return
+    asyncio.run(main)
 
 
 def _register_run(commands: Subcommands) -> None:

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 from gateway.errors import BrokerUnavailableError, ConfigError, GatewayError, ShuttingDownError
 from gateway.logs import get_logger
@@ -199,8 +199,9 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101  (a stream connection)
-        self._transport = transport
+        # A stream transport: asyncio's, or uvloop's (which is not an asyncio.Transport
+        # subclass, only the same interface).
+        self._transport = cast("asyncio.Transport", transport)
         self._last_in = self._loop.time()
 
     def data_received(self, data: bytes) -> None:

@@ -1,3 +1,4 @@
+import asyncio
 import json
 import os
 import subprocess
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import __version__
+from gateway import __version__, cli
 from gateway.cli import build_parser, main
 from gateway.config import REDACTED
 
@@ -146,3 +147,15 @@ def test_simulate_offline_windows_parse_and_refuse_nonsense() -> None:
     assert _offline_window("2:10:30.5") == OfflineWindow(2, 10.0, 30.5)
     with pytest.raises(argparse.ArgumentTypeError, match="INDEX:START_S:DURATION_S"):
         _offline_window("2:10")
+
+
+@pytest.mark.parametrize(("kind", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_run_loop_uses_the_configured_event_loop(kind: str, module: str) -> None:
+    """runtime.event_loop picks the loop `vendgate run` serves on."""
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    cli.run_loop(main(), kind)
+    assert seen[0].split(".")[0] == module
