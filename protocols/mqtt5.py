@@ -543,20 +543,41 @@ def connect(
     max_packet_size: int = DEFAULT_MAX_PACKET,
     username: str | None = None,
     password: str | None = None,
+    will_topic: str | None = None,
+    will_payload: bytes = b"",
+    will_qos: int = 0,
+    will_retain: bool = False,
 ) -> bytes:
-    """CONNECT (§3.1); no will, no topic aliases."""
+    """CONNECT (§3.1); no topic aliases.
+
+    With ``will_topic``, the broker publishes ``will_payload`` there (at ``will_qos``,
+    retained if ``will_retain``) when the connection ends without a DISCONNECT of reason 0
+    (§3.1.2.5-3.1.2.7); the will has no properties (§3.1.3.2).
+    """
     if not 0 <= keepalive_s <= 0xFFFF:
         raise ValueError("keepalive_s must fit two bytes")
     if not 1 <= receive_maximum <= 0xFFFF:
         raise ValueError("receive_maximum must be 1..65535")
+    if will_qos not in (0, 1, 2):
+        raise ValueError(f"will QoS must be 0, 1 or 2, not {will_qos}")
+    if will_topic is None and (will_payload or will_qos or will_retain):
+        raise ValueError("a will payload, QoS or retain flag needs a will topic")  # §3.1.2.6
+    if len(will_payload) > 0xFFFF:
+        raise ValueError("will payload longer than 65,535 bytes")
     flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0)
     flags |= 0x40 if password is not None else 0
+    if will_topic is not None:
+        # §3.1.2.5-3.1.2.7: Will Flag (bit 2), Will QoS (bits 3-4), Will Retain (bit 5).
+        flags |= 0x04 | will_qos << 3 | (0x20 if will_retain else 0)
     properties = [(MAXIMUM_PACKET_SIZE, _FOUR, max_packet_size)]
     if session_expiry_s:
         properties.append((SESSION_EXPIRY, _FOUR, session_expiry_s))
     if receive_maximum != 0xFFFF:
         properties.append((RECEIVE_MAXIMUM, _TWO, receive_maximum))
     payload = [_string(client_id)]
+    if will_topic is not None:
+        # §3.1.3.2-3.1.3.4: Will Properties (none), Will Topic, Will Payload (binary data).
+        payload += (b"\x00", _string(will_topic), _U16.pack(len(will_payload)) + will_payload)
     if username is not None:
         payload.append(_string(username))
     if password is not None:

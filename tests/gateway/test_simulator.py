@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,8 +16,10 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
+import structlog
 from gmqtt import Client
 
+from gateway import simulator
 from gateway.cli import main
 from gateway.embedded import Mosquitto
 from gateway.errors import BrokerUnavailableError
@@ -42,8 +47,11 @@ from protocols.frames import (
     Hello,
     Outcome,
     Presence,
+    Reading,
+    ReadingKind,
     ResultAck,
     SlotConfig,
+    Telemetry,
     Time,
     Vend,
     VendAck,
@@ -477,3 +485,127 @@ async def test_handler_failure_fails_the_fleet(
     assert isinstance(error, SimulatedMachineError)
     assert error.machine_id == "SIM-0001"
     assert isinstance(error.__cause__, RuntimeError)
+
+
+@pytest.mark.asyncio
+async def test_aborted_connection_leaves_its_will_retained(
+    mosquitto: Mosquitto, standin: StandIn
+) -> None:
+    """CONNECT carries the will of SPEC §3.3: cut off, the machine's retained status is it."""
+    async with Fleet(_settings(mosquitto, machines=2)) as fleet:
+        gone, stays = fleet.machine_ids
+        await standin.ready(fleet, gone)
+        fleet.cut_off(gone, 30.0)
+        await eventually(lambda: len(standin.presences(gone)) == 2, "the will")
+        assert not fleet.is_online(gone)
+
+        # A newcomer reads the will as the machine's retained status; the other is online.
+        late = StandIn(mosquitto)
+        await late.start()
+        try:
+            await eventually(lambda: len(late.seen) == 2, "two retained presences")
+            retained = {machine_id: (frame, flag) for machine_id, frame, flag in late.seen}
+        finally:
+            await late.stop()
+        will, flag = retained[gone]
+        assert flag
+        assert isinstance(will, Presence)
+        assert (will.boot, will.session, will.seq, will.online) == (1, 1, 0, False)
+        online, flag = retained[stays]
+        assert flag
+        assert isinstance(online, Presence)
+        assert online.online
+    # SPEC §3.1, §3.5: MQTT 5, Clean Start 0, keep-alive 60 s, the machine id as username.
+    for machine_id in fleet.machine_ids:
+        assert f"as {machine_id} (p5, c0, k60, u'{machine_id}')" in mosquitto.log_tail(200)
+
+
+@pytest.mark.asyncio
+async def test_idle_machine_pings_and_keeps_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to publish, a machine sends PINGREQ and the broker keeps it connected."""
+    monkeypatch.setattr(simulator, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(simulator, "KEEPALIVE_SCAN_S", 0.1)
+    broker = Mosquitto(tmp_path / "broker", extra_config="log_type debug")
+    async with broker, Fleet(_settings(broker, heartbeat_ms=60_000)) as fleet:
+        (machine_id,) = fleet.machine_ids
+        await asyncio.sleep(3.0)  # twice the 1.5 s of silence after which a broker drops it
+        assert fleet.is_online(machine_id)
+        assert (fleet.stats["connects"], fleet.stats["connection_losses"]) == (1, 0)
+        pings = broker.log_tail(400).count(f"Received PINGREQ from {machine_id}")
+    assert pings >= 3
+
+
+def _reading(value: int) -> Reading:
+    return Reading(dt_ms=0, kind=ReadingKind.TEMPERATURE, slot=None, value=value)
+
+
+@pytest.mark.asyncio
+async def test_frozen_broker_is_noticed_and_unacknowledged_publishes_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A silent broker (SIGSTOP) is given up after 1.5 keep-alive periods.
+
+    On reconnect the resumed session gets the publish it never acknowledged again, with DUP
+    and its packet id (MQTT 5 §4.4), so telemetry is not lost (SPEC §7.10).
+    """
+    monkeypatch.setattr(simulator, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(simulator, "KEEPALIVE_SCAN_S", 0.1)
+    broker = Mosquitto(tmp_path / "broker", extra_config="log_type debug")
+    async with broker:
+        process = broker._process
+        assert process is not None
+        gateway = StandIn(broker)
+        await gateway.start()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                async with Fleet(_settings(broker, heartbeat_ms=60_000)) as fleet:
+                    (machine_id,) = fleet.machine_ids
+                    await gateway.ready(fleet, machine_id)
+                    await asyncio.sleep(0.2)  # the PUBACKs of its last publishes
+                    loop = asyncio.get_running_loop()
+                    os.kill(process.pid, signal.SIGSTOP)
+                    try:
+                        frozen_at = loop.time()
+                        assert fleet.report(machine_id, [_reading(401)])  # no PUBACK comes
+                        await eventually(lambda: not fleet.is_online(machine_id), "silence seen")
+                        noticed_after = loop.time() - frozen_at
+                    finally:
+                        os.kill(process.pid, signal.SIGCONT)
+                    await eventually(lambda: fleet.is_online(machine_id), "back online")
+                    await eventually(
+                        lambda: bool(gateway.frames(machine_id, Telemetry)), "the telemetry"
+                    )
+                    assert fleet.stats["connection_losses"] == 1
+                    assert fleet.stats["reconnects"] == 1
+        finally:
+            await gateway.stop()
+        log = broker.log_tail(2000)
+    assert noticed_after < 2.5
+    assert any(entry["event"] == "simulator.keepalive_timeout" for entry in logs)
+    (telemetry, *_) = gateway.frames(machine_id, Telemetry)
+    assert [reading.value for reading in telemetry.readings] == [401]
+    # Only the telemetry was unacknowledged; the broker may or may not have read the first
+    # copy from the dead connection once it was resumed.
+    pattern = rf"Received PUBLISH from {machine_id} \(d1, q1, r0, m(\d+), '[^']*/up'"
+    assert len(set(re.findall(pattern, log))) == 1
+
+
+@pytest.mark.asyncio
+async def test_refused_connect_backs_off_and_retries(tmp_path: Path) -> None:
+    """A CONNACK refusal (0x87: the user name is unknown) is a failed attempt, retried later."""
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")  # no users: a client sending a user name is refused
+    broker = Mosquitto(tmp_path / "broker", extra_config=f"password_file {passwords}")
+    settings = _settings(broker, connect_timeout_s=2.0)
+    async with broker:
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(BrokerUnavailableError, match="1 of 1 simulated machines"),
+        ):
+            async with Fleet(settings):
+                pass
+    failures = [entry for entry in logs if entry["event"] == "simulator.connect_failed"]
+    assert len(failures) >= 2
+    assert all("CONNACK reason 0x87 Not authorized" in entry["error"] for entry in failures)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -150,6 +150,64 @@ def test_connect_defaults_leave_out_default_properties() -> None:
     """No session expiry, receive maximum 65535 and no credentials: only 0x27, flags 0."""
     wire = connect("", clean_start=False, keepalive_s=0, max_packet_size=0x0102_0304)
     assert wire == b"\x10\x12\x00\x04MQTT\x05\x00\x00\x00\x05\x27\x01\x02\x03\x04\x00\x00"
+
+
+def test_connect_with_will_bytes() -> None:
+    """A will sets flags 0x04 | QoS << 3 | 0x20 and follows the client id (§3.1.2.5, §3.1.3)."""
+    wire = connect(
+        "c",
+        clean_start=False,
+        keepalive_s=60,
+        session_expiry_s=600,
+        username="c",
+        will_topic="s",
+        will_payload=b"\x01\x02",
+        will_qos=1,
+        will_retain=True,
+    )
+    assert wire == (
+        b"\x10\x23\x00\x04MQTT\x05\xac\x00\x3c"  # flags: user name, retain, QoS 1, will
+        b"\x0a\x27\x00\x10\x00\x00\x11\x00\x00\x02\x58"
+        b"\x00\x01c"  # client id
+        b"\x00"  # will properties: none
+        b"\x00\x01s"  # will topic
+        b"\x00\x02\x01\x02"  # will payload: binary data
+        b"\x00\x01c"  # user name, after the will
+    )
+
+
+@pytest.mark.parametrize(
+    ("qos", "retain", "flags"),
+    [(0, False, 0x06), (1, False, 0x0E), (2, False, 0x16), (0, True, 0x26), (2, True, 0x36)],
+)
+def test_connect_will_flags(qos: int, retain: bool, flags: int) -> None:
+    """Will QoS sits in bits 3-4 and Will Retain in bit 5, beside Clean Start (bit 1)."""
+    wire = connect(
+        "", clean_start=True, keepalive_s=0, will_topic="w", will_qos=qos, will_retain=retain
+    )
+    header = b"\x10\x18\x00\x04MQTT\x05" + bytes((flags,)) + b"\x00\x00"
+    assert wire == header + (
+        b"\x05\x27\x00\x10\x00\x00"
+        b"\x00\x00"  # empty client id
+        b"\x00\x00\x01w\x00\x00"  # no will properties, topic "w", empty payload
+    )
+
+
+@pytest.mark.parametrize(
+    "will",
+    [
+        {"will_topic": "w", "will_qos": 3},
+        {"will_topic": "w", "will_qos": -1},
+        {"will_qos": 1},
+        {"will_retain": True},
+        {"will_payload": b"x"},
+        {"will_topic": "w", "will_payload": bytes(0x10000)},
+    ],
+)
+def test_connect_refuses_a_bad_will(will: dict[str, Any]) -> None:
+    """A will QoS other than 0-2, will details without a topic, or a huge payload: ValueError."""
+    with pytest.raises(ValueError, match="will"):
+        connect("c", clean_start=False, keepalive_s=0, **will)
 
 
 @pytest.mark.parametrize(
