@@ -487,7 +487,12 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
         print(f"wrote {args.json} and {report}")
     ok = bench.passed(result)
     print("exactly-once: PASS" if ok else "exactly-once: FAIL")
-    return 0 if ok else 1
+    # No fault is injected here, so every vend must end with an outcome: an unknown vend
+    # means the gateway or the fleet stalled (a run once passed with all 4,000 unknown).
+    unknown = int(result.get("vends_unknown") or 0)
+    if unknown:
+        print(f"{unknown} vends ended unknown in a run without faults: FAIL")
+    return 0 if ok and not unknown else 1
 
 
 def _bench_telemetry(args: argparse.Namespace, config: Config) -> int:

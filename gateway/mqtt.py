@@ -105,7 +105,7 @@ class MqttSettings:
     # messages (a broker restart: every machine reconnecting, the retained presence of the
     # fleet replayed) arrives in a few socket reads; started all at once they would make each
     # iteration last a second, and every HTTP request needs several iterations. The rest wait
-    # in the connection's inbox, with reading paused so that TCP holds the broker back.
+    # in the connection's inbox (bounded by the broker's in-flight window: see `_pump`).
     handlers_per_iteration: int = 64
     # The largest packet we accept, announced in CONNECT (MQTT 5 §3.1.2.11.4): the broker
     # drops bigger messages for us instead of sending them.
@@ -179,7 +179,6 @@ class _Connection(asyncio.Protocol):
         self._lost = asyncio.Event()
         # Messages received and not yet started, in arrival order.
         self.inbox: deque[mqtt5.Publish] = deque()
-        self.reading_paused = False
         # Whether new messages may start handlers; once retiring they stay unacknowledged.
         self.accepting = True
         # Tasks running an awaitable handler; cancelled once the connection is closed.
@@ -296,17 +295,6 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def pause_reading(self) -> None:
-        if not self.reading_paused and self._transport is not None:
-            self.reading_paused = True
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and self._transport is not None:
-            self.reading_paused = False
-            if not self._transport.is_closing():
-                self._transport.resume_reading()
-
     # --- the session ---
 
     async def open(
@@ -380,11 +368,7 @@ class _Connection(asyncio.Protocol):
         """Keep alive (MQTT 5 §3.1.2.10): ping when quiet, give up on a silent broker."""
         now = self._loop.time()
         period = self._keepalive_s
-        if self.reading_paused:
-            # We are the ones not reading (a backlog of handlers): what the broker sent,
-            # PINGRESP included, waits in the socket. Silence is measured from the resume.
-            self._last_in = now
-        elif now - self._last_in > period * 1.5:
+        if now - self._last_in > period * 1.5:
             self._log.warning("mqtt.keepalive_timeout", silent_s=round(now - self._last_in, 1))
             self.abort()
             return
@@ -514,7 +498,7 @@ class MqttLink:
     overshoots that window once PUBACKs start flowing (eclipse-mosquitto/mosquitto#2301;
     measured here: 345 in flight for a window of 5), so the link also caps running handlers
     at ``receive_maximum`` itself; messages beyond the cap wait, unacknowledged, in the
-    connection's inbox, and reading pauses until a handler is done.
+    connection's inbox until a handler is done.
 
     Messages start in the order they arrived, at most ``handlers_per_iteration`` per loop
     iteration.
@@ -670,8 +654,11 @@ class MqttLink:
         """Start the inbox's messages, in order, as far as the iteration budget and cap allow.
 
         Called when a read adds messages, when a handler is done (a slot is free) and once
-        per loop iteration while messages wait. Reading is paused while any wait, so that an
-        overloaded gateway holds the broker back through TCP instead of buffering here.
+        per loop iteration while messages wait. Reading never pauses: the handlers waiting
+        may be waiting for PUBACKs of their own publishes, which arrive on this socket (a
+        paused read deadlocked 10,000 machines saying Hello, each answered with a Time). The
+        inbox is bounded by the broker's in-flight window instead (QoS 1, receive_maximum,
+        plus what Mosquitto overshoots it by).
         """
         inbox = conn.inbox
         cap = self._receive_maximum
@@ -687,10 +674,6 @@ class MqttLink:
             if not self._iteration_scheduled:
                 self._iteration_scheduled = True
                 asyncio.get_running_loop().call_soon(self._new_iteration, conn)
-        if inbox:
-            conn.pause_reading()
-        elif conn.reading_paused:
-            conn.resume_reading()
 
     def _new_iteration(self, conn: _Connection) -> None:
         self._iteration_scheduled = False

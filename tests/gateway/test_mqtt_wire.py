@@ -544,3 +544,31 @@ async def test_a_cancelled_future_gets_its_message_delivered_again(
         await _publish_all(mosquitto, prefix, [b"vend-result"])
         await eventually(lambda: len(calls) == 2, within=3)
         assert link.stats["handled"] == 1
+
+
+@pytest.mark.asyncio
+async def test_handlers_at_the_cap_waiting_for_their_own_pubacks_do_not_deadlock(
+    mosquitto: Mosquitto, prefix: str
+) -> None:
+    """Every handler publishes at QoS 1 and waits for the PUBACK, with more messages than the cap.
+
+    The PUBACKs arrive on the socket the waiting messages do: the link must keep reading
+    (a Hello answered by a Time, from thousands of machines at once, deadlocked a link that
+    paused reading at its handler cap).
+    """
+    topic = f"{prefix}/m/vm-1/up"
+    replies: list[bytes] = []
+    link: MqttLink | None = None
+
+    async def answer(_topic: str, payload: bytes) -> None:
+        assert link is not None
+        await link.publish(f"{prefix}/m/vm-1/down", payload)
+        replies.append(payload)
+
+    settings = _settings(mosquitto, f"{prefix}-sub", receive_maximum=2, publish_timeout_s=5.0)
+    link = MqttLink(settings, answer, [(topic, 1)])
+    async with link, MqttLink(_settings(mosquitto, f"{prefix}-pub"), _nothing, []) as pub:
+        await asyncio.gather(*(pub.publish(topic, f"hello-{n}".encode()) for n in range(300)))
+        await eventually(lambda: len(replies) == 300, within=10.0)
+        assert link.stats["handler_errors"] == 0
+        assert link.stats["reconnects"] == 0
