@@ -17,7 +17,6 @@ timestamp so that a captured request cannot be replayed later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -226,13 +225,18 @@ class WebhookDeliverer:
             self._stopped.set()
 
     async def _loop(self, session: aiohttp.ClientSession, url: str) -> None:
+        concurrency = self._config.concurrency
+        quiet = True  # the last wait ran to the poll interval
         async with asyncio.TaskGroup() as group:
             while not self._closing:
                 # Cleared before the claim, so a wake() during it is not lost.
                 self._wake.clear()
-                free = self._config.concurrency - self.stats.in_flight
+                free = concurrency - self.stats.in_flight
                 # Claim only what can start now: a claimed event's lease is already running.
-                events = await self._claim(free) if free > 0 else []
+                # Under load, wait until half the slots are free, so that one claim (a round
+                # trip) starts several deliveries rather than one each.
+                claim = free > 0 and (quiet or 2 * free >= concurrency)
+                events = await self._claim(free) if claim else []
                 for event in events:
                     self.stats.in_flight += 1
                     group.create_task(
@@ -243,8 +247,11 @@ class WebhookDeliverer:
                     continue  # maybe more due; the next pass waits if all slots are busy
                 # A finished delivery wakes the loop too: a slot is free, and the vend's
                 # next event may now be due.
-                with contextlib.suppress(TimeoutError):
+                quiet = False
+                try:
                     await asyncio.wait_for(self._wake.wait(), self._config.poll_interval_s)
+                except TimeoutError:
+                    quiet = True
 
     async def _claim(self, limit: int) -> list[OutboxEvent]:
         try:
