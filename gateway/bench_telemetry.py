@@ -1107,6 +1107,45 @@ async def _codec_connect(
     return receiver
 
 
+class _RawCount:
+    """What a raw receiver counts, and how it waits for the end and reports it."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.done = asyncio.Event()
+
+    def tick(self) -> None:
+        """Count one message."""
+        now = time.time()
+        if not self.received:
+            self.first = now
+        self.received += 1
+        self.last = now
+        if self.received >= self.expected:
+            self.done.set()
+
+    async def report(self, connect_wall: float, stall_s: float) -> None:
+        """Wait until complete, or until nothing arrived for ``stall_s``; print the result."""
+        seen = -1
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), timeout=stall_s)
+            if self.received == seen:
+                break
+            seen = self.received
+        result = {
+            "received": self.received,
+            "connect_wall": connect_wall,
+            "first_wall": self.first,
+            "last_wall": self.last,
+        }
+        sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+
 async def _raw_main(args: dict[str, Any]) -> None:
     """One bare client: subscribe, count messages, acknowledge, nothing else.
 
@@ -1118,21 +1157,13 @@ async def _raw_main(args: dict[str, Any]) -> None:
         await _raw_codec_main(args)
         return
     host, port = mqtt_address(args["broker"])
-    expected: int = args["expected"]
+    count = _RawCount(args["expected"])
     drain = args["mode"].startswith("drain")
-    state = {"received": 0, "first": 0.0, "last": 0.0}
-    done = asyncio.Event()
     subscribed = asyncio.Event()
     client_id = f"vg-bench-raw-{secrets.token_hex(3)}"
 
     def on_message(_client: object, _topic: str, _payload: bytes, _qos: int, _props: object) -> int:
-        now = time.time()
-        if not state["received"]:
-            state["first"] = now
-        state["received"] += 1
-        state["last"] = now
-        if state["received"] >= expected:
-            done.set()
+        count.tick()
         return 0
 
     def new_client(*, clean: bool) -> Any:  # noqa: ANN401  (gmqtt ships no types)
@@ -1159,22 +1190,7 @@ async def _raw_main(args: dict[str, Any]) -> None:
     if drain:
         client = new_client(clean=False)
         await client.connect(host, port, keepalive=60, version=MQTTv50)
-    seen = -1
-    while not done.is_set():
-        # Stop when complete, or when nothing arrived for stall_s.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=args["stall_s"])
-        if state["received"] == seen:
-            break
-        seen = int(state["received"])
-    result = {
-        "received": int(state["received"]),
-        "connect_wall": connect_wall,
-        "first_wall": state["first"],
-        "last_wall": state["last"],
-    }
-    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    await count.report(connect_wall, args["stall_s"])
     with contextlib.suppress(Exception):
         await client.disconnect()
 
@@ -1182,22 +1198,10 @@ async def _raw_main(args: dict[str, Any]) -> None:
 async def _raw_codec_main(args: dict[str, Any]) -> None:
     """`_raw_main` with `_CodecReceiver`, in the drain mode only."""
     host, port = mqtt_address(args["broker"])
-    expected: int = args["expected"]
-    state = {"received": 0, "first": 0.0, "last": 0.0}
-    done = asyncio.Event()
+    count = _RawCount(args["expected"])
     client_id = f"vg-bench-raw-{secrets.token_hex(3)}"
-
-    def on_message() -> None:
-        now = time.time()
-        if not state["received"]:
-            state["first"] = now
-        state["received"] += 1
-        state["last"] = now
-        if state["received"] >= expected:
-            done.set()
-
     receiver = await _codec_connect(
-        host, port, client_id, clean=True, expiry_s=600, on_message=on_message
+        host, port, client_id, clean=True, expiry_s=600, on_message=count.tick
     )
     suback = receiver.expect(mqtt5.SubAck)
     receiver.send(mqtt5.subscribe(1, [(args["filter"], mqtt5.subscription_options(1))]))
@@ -1209,23 +1213,9 @@ async def _raw_codec_main(args: dict[str, Any]) -> None:
     await asyncio.to_thread(sys.stdin.readline)  # published and queued
     connect_wall = time.time()
     receiver = await _codec_connect(
-        host, port, client_id, clean=False, expiry_s=0, on_message=on_message
+        host, port, client_id, clean=False, expiry_s=0, on_message=count.tick
     )
-    seen = -1
-    while not done.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=args["stall_s"])
-        if state["received"] == seen:
-            break
-        seen = int(state["received"])
-    result = {
-        "received": int(state["received"]),
-        "connect_wall": connect_wall,
-        "first_wall": state["first"],
-        "last_wall": state["last"],
-    }
-    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    await count.report(connect_wall, args["stall_s"])
     receiver.send(mqtt5.disconnect())
     receiver.close()
 
