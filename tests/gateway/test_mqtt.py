@@ -80,8 +80,8 @@ def prefix() -> str:
 async def _no_loop_errors() -> AsyncIterator[None]:
     """Fail a test in which the event loop's exception handler was called.
 
-    gmqtt calls ``result()`` on each on_message task in a done-callback: a task that ends
-    with an exception, or cancelled, would only show up here.
+    A done-callback or task of the link that raised, or a handler future whose exception
+    nobody retrieved, would only show up here.
     """
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []

@@ -13,12 +13,10 @@ import asyncio
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-import pytest_asyncio
 import structlog
 
 from gateway.embedded import Mosquitto
@@ -31,7 +29,14 @@ from gateway.errors import (
 )
 from gateway.mqtt import MqttLink, MqttSettings
 from protocols import mqtt5
-from tests.gateway.test_mqtt import GROUP, Inbox, _nothing, _settings, eventually
+from tests.gateway.test_mqtt import (  # _no_loop_errors: autouse here too
+    GROUP,
+    Inbox,
+    _no_loop_errors,  # noqa: F401
+    _nothing,
+    _settings,
+    eventually,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,25 +46,6 @@ MARKER = b"marker"
 @pytest.fixture
 def prefix() -> str:
     return f"w{uuid.uuid4().hex[:10]}"
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _no_loop_errors() -> AsyncIterator[None]:
-    """Fail a test in which the event loop's exception handler was called.
-
-    A done-callback or task of the link that raised, or a handler future whose exception
-    nobody retrieved, would only show up here.
-    """
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    try:
-        yield
-        await asyncio.sleep(0.05)  # let the last done-callbacks run
-    finally:
-        loop.set_exception_handler(previous)
-    assert not errors
 
 
 def _share(prefix: str) -> list[tuple[str, int]]:
