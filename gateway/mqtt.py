@@ -70,7 +70,6 @@ _RETAIN_ALWAYS: Final = 0
 _SHARED_PREFIX: Final = "$share/"
 _CLOSE_TIMEOUT_S: Final = 2.0
 _MAX_EXPONENT: Final = 30
-_PACKET_IDS: Final = 0xFFFF
 _PUBACK: Final = mqtt5.puback
 _PUBLISH: Final = mqtt5.Publish
 
@@ -172,7 +171,7 @@ class _Connection(asyncio.Protocol):
         self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
         # Our QoS 1 PUBLISH packets awaiting their PUBACK, by packet id.
         self._outstanding: dict[int, asyncio.Future[bool]] = {}
-        self._send_quota = _PACKET_IDS  # the broker's Receive Maximum, from CONNACK
+        self._send_quota = mqtt5.MAX_PACKET_ID  # the broker's Receive Maximum, from CONNACK
         self._max_out: int | None = None  # the broker's Maximum Packet Size, from CONNACK
         self._next_id = 0
         self._released = asyncio.Event()
@@ -377,12 +376,8 @@ class _Connection(asyncio.Protocol):
         self._keepalive = self._loop.call_later(period / 2, self._tick)
 
     def _allocate_id(self) -> int:
-        in_use = self._outstanding.keys() | self._subacks.keys()
-        for _ in range(_PACKET_IDS):
-            self._next_id = self._next_id % _PACKET_IDS + 1
-            if self._next_id not in in_use:
-                return self._next_id
-        raise OverflowError("every packet id is in use")
+        self._next_id = mqtt5.next_packet_id(self._next_id, self._outstanding, self._subacks)
+        return self._next_id
 
     def usable(self) -> bool:
         """Whether publishing on this connection can still work."""

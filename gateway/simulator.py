@@ -449,7 +449,6 @@ class _ConnectRefusedError(Exception):
         self.reason = reason
 
 
-_PACKET_IDS: Final = 0xFFFF
 _NEVER: Final = float("inf")
 _MQTT_PUBLISH: Final = mqtt5.Publish
 _PUBACK: Final = mqtt5.puback
@@ -680,7 +679,7 @@ class _MachineClient:
         # Our QoS 1 PUBLISH packets awaiting PUBACK, by packet id, as written.
         self._unacked: dict[int, bytes] = {}
         self._next_id = 0
-        self._quota = _PACKET_IDS  # the broker's Receive Maximum (§3.2.2.3.3)
+        self._quota = mqtt5.MAX_PACKET_ID  # the broker's Receive Maximum (§3.2.2.3.3)
 
     @property
     def is_connected(self) -> bool:
@@ -773,14 +772,8 @@ class _MachineClient:
         self._unacked.pop(packet_id, None)
 
     def _allocate_id(self) -> int:
-        in_use = self._unacked
-        next_id = self._next_id
-        for _ in range(_PACKET_IDS):
-            next_id = next_id % _PACKET_IDS + 1
-            if next_id not in in_use:
-                self._next_id = next_id
-                return next_id
-        raise OverflowError("every packet id is in use")
+        self._next_id = mqtt5.next_packet_id(self._next_id, self._unacked)
+        return self._next_id
 
     def connection_closed(self, connection: _Connection) -> None:
         """Forget a closed transport; tell the machine if it was the current connection."""

@@ -19,7 +19,7 @@ its DISCONNECT: a packet larger than the reader's limit (0x95, §3.1.2.11.4), a 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -36,6 +36,7 @@ __all__ = [
     "SubAck",
     "connect",
     "disconnect",
+    "next_packet_id",
     "puback",
     "publish",
     "reason_name",
@@ -165,6 +166,7 @@ _U32: Final = struct.Struct(">I")
 _PUBACK: Final = struct.Struct(">BBH")
 _PINGREQ: Final = b"\xc0\x00"
 _MAX_VARINT: Final = 268_435_455  # §1.5.5: four bytes
+MAX_PACKET_ID: Final = 0xFFFF
 DEFAULT_MAX_PACKET: Final = 1 << 20
 
 
@@ -354,21 +356,12 @@ class Reader:
         return packets
 
 
-def _long_length(buffer: bytes, at: int) -> tuple[int, int]:
-    """Decode the remaining length at ``at``: (length, index after it), or (0, -1) if cut."""
-    value, shift = 0, 0
-    for index in range(at, min(at + 4, len(buffer))):
-        byte = buffer[index]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, index + 1
-        shift += 7
-    if len(buffer) - at >= 4:
-        raise MqttProtocolError("remaining length longer than four bytes")
-    return 0, -1
+def _long_length(data: bytes, at: int) -> tuple[int, int]:
+    """Decode the variable byte integer at ``at`` (§1.5.5): (value, index after it).
 
-
-def _varint_at(data: bytes, at: int) -> tuple[int, int]:
+    Returns (0, -1) when ``data`` ends inside it (the rest of a packet's remaining length
+    may still be on its way); raises MqttProtocolError when it runs past four bytes.
+    """
     value, shift = 0, 0
     for index in range(at, min(at + 4, len(data))):
         byte = data[index]
@@ -376,7 +369,17 @@ def _varint_at(data: bytes, at: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, index + 1
         shift += 7
-    raise MqttProtocolError("bad variable byte integer")
+    if len(data) - at >= 4:
+        raise MqttProtocolError("variable byte integer longer than four bytes")
+    return 0, -1
+
+
+def _varint_at(data: bytes, at: int) -> tuple[int, int]:
+    """`_long_length` inside a whole packet, where being cut short is malformed too."""
+    value, end = _long_length(data, at)
+    if end < 0:
+        raise MqttProtocolError("variable byte integer cut short")
+    return value, end
 
 
 def _publish_properties(buffer: bytes, cursor: int, end: int) -> int:
@@ -634,6 +637,20 @@ def publish(
         header += b"\x05\x02" + _U32.pack(message_expiry_s)
     length = len(header) + len(payload)
     return bytes((first,)) + _varint(length) + header + payload
+
+
+def next_packet_id(last: int, *in_use: Container[int]) -> int:
+    """Return the packet id after ``last`` (1 to 65,535, wrapping) that none of ``in_use`` holds.
+
+    Raises OverflowError when every id is taken (§2.2.1: an id is in use until its
+    acknowledgement arrives).
+    """
+    candidate = last
+    for _ in range(MAX_PACKET_ID):
+        candidate = candidate % MAX_PACKET_ID + 1
+        if not any(candidate in used for used in in_use):
+            return candidate
+    raise OverflowError("every packet id is in use")
 
 
 def puback(packet_id: int) -> bytes:

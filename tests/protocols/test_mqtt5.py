@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from protocols import mqtt5
 from protocols.errors import ProtocolError
 from protocols.mqtt5 import (
     ConnAck,
@@ -419,3 +420,12 @@ def test_malformed_packets_are_refused(wire: bytes, code: int) -> None:
 def test_packets_a_server_may_not_send_are_protocol_errors(first: int) -> None:
     """CONNECT, PUBREC/PUBREL/PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, UNSUBACK, PINGREQ, AUTH: 0x82."""
     assert refusal([bytes((first, 0))]) == 0x82
+
+
+def test_next_packet_id_skips_ids_in_use_and_wraps() -> None:
+    """Ids run 1..65535 and wrap; an id any of the sets holds is skipped; none free raises."""
+    assert mqtt5.next_packet_id(0) == 1
+    assert mqtt5.next_packet_id(5, {6, 7}, {8}) == 9
+    assert mqtt5.next_packet_id(0xFFFF, {1}) == 2
+    with pytest.raises(OverflowError):
+        mqtt5.next_packet_id(1, range(1, 0x10000))
