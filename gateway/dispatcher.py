@@ -150,26 +150,11 @@ _RESULT_EVENTS = {
 }
 
 
-async def _move_one(conn: Conn, move: vends.Move) -> VendRow | None:
-    return await vends.apply(
-        conn,
-        move.vend_id,
-        move.event,
-        detail=move.detail,
-        dispense=move.dispense,
-        attempts=move.attempts,
-        actor=move.actor,
-        origin=move.origin,
-    )
-
-
 def _set_on_close(event: asyncio.Event, _conn: object) -> None:
     event.set()
 
 
-_MOVES: Final[Batchable[vends.Move, VendRow | None]] = Batchable(
-    "vend_moves", vends.apply_many, _move_one
-)
+_MOVES: Final[Batchable[vends.Move, VendRow | None]] = Batchable("vend_moves", vends.apply_many)
 
 
 class Dispatcher:

@@ -102,12 +102,8 @@ _UNMATCHED: Final = "unmatched"  # the route label of a request no route matched
 _Created = tuple[vends.CreateOutcome, VendRow | vends.Refusal | None]
 
 
-async def _create_one(conn: Conn, arg: tuple[VendRequest, datetime]) -> _Created:
-    return await vends.create(conn, *arg)
-
-
 _CREATES: Final[Batchable[tuple[VendRequest, datetime], _Created]] = Batchable(
-    "vend_creates", vends.create_many, _create_one
+    "vend_creates", vends.create_many
 )
 
 

@@ -128,30 +128,11 @@ class Refusal:
     reason: str
 
 
-# The vend is inserted only if its slot may sell it: the slot is not disabled, and, once the
-# machine has a planogram (config_desired set), the planogram lists the slot at this price and
-# currency. One statement, so the check and the insert see the same planogram.
-# The first history row goes in with it (a data-modifying CTE: one round trip, not two).
-_INSERT: Final = """
-WITH created AS (
-    INSERT INTO vends (vend_id, wire_id, machine_id, slot, price, currency, deadline,
-                       request_hash, state)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'accepted'
-    FROM machines m
-    LEFT JOIN machine_slots s ON s.machine_id = m.machine_id AND s.slot = $4
-    WHERE m.machine_id = $3
-      AND COALESCE(s.enabled, true)
-      AND (m.config_desired IS NULL OR (s.price = $5 AND s.currency = $6))
-    ON CONFLICT DO NOTHING
-    RETURNING *
-), history AS (
-    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor)
-    SELECT vend_id, NULL, 'accepted', 'created', 'gateway' FROM created
-)
-SELECT * FROM created
-"""
-
-# `_INSERT` for many requests with distinct ids, in their order (queue_seq follows it).
+# New vends, with distinct ids, in their order (queue_seq follows it). A vend is inserted only
+# if its slot may sell it: the slot is not disabled, and, once the machine has a planogram
+# (config_desired set), the planogram lists the slot at this price and currency. One statement,
+# so the check and the insert see the same planogram. The first history row goes in with it
+# (a data-modifying CTE: one round trip, not two).
 _INSERT_MANY: Final = """
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
@@ -199,19 +180,9 @@ async def create(
     """
     fingerprint = request.fingerprint()
     for _ in range(3):  # a wire-id collision (2**-63) is retried with a fresh id
-        record = await conn.fetchrow(
-            _INSERT,
-            request.vend_id,
-            secrets.randbits(WIRE_ID_BITS),
-            request.machine_id,
-            request.slot,
-            request.price,
-            request.currency,
-            deadline,
-            fingerprint,
-        )
-        if record is not None:
-            return "created", VendRow.from_record(record)
+        row = (await _insert(conn, [(request, deadline)])).get(request.vend_id)
+        if row is not None:
+            return "created", row
         existing = await conn.fetchrow("SELECT * FROM vends WHERE vend_id = $1", request.vend_id)
         if existing is not None:
             outcome: CreateOutcome = (
@@ -237,6 +208,20 @@ async def create_many(
     """
     if len({r.vend_id for r, _ in requests}) != len(requests):
         raise ValueError("create_many needs distinct vend ids")
+    created = await _insert(conn, requests)
+    outcomes: list[tuple[CreateOutcome, VendRow | Refusal | None]] = []
+    for request, deadline in requests:
+        row = created.get(request.vend_id)
+        outcomes.append(
+            ("created", row) if row is not None else await create(conn, request, deadline)
+        )
+    return outcomes
+
+
+async def _insert(
+    conn: Conn, requests: Sequence[tuple[VendRequest, datetime]]
+) -> dict[str, VendRow]:
+    """Insert what may be inserted of ``requests`` (`_INSERT_MANY`); the new rows by id."""
     records = await conn.fetch(
         _INSERT_MANY,
         [r.vend_id for r, _ in requests],
@@ -248,14 +233,7 @@ async def create_many(
         [deadline for _, deadline in requests],
         [r.fingerprint() for r, _ in requests],
     )
-    created = {record["vend_id"]: VendRow.from_record(record) for record in records}
-    outcomes: list[tuple[CreateOutcome, VendRow | Refusal | None]] = []
-    for request, deadline in requests:
-        row = created.get(request.vend_id)
-        outcomes.append(
-            ("created", row) if row is not None else await create(conn, request, deadline)
-        )
-    return outcomes
+    return {record["vend_id"]: VendRow.from_record(record) for record in records}
 
 
 def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome, Refusal] | None:
@@ -280,31 +258,6 @@ def _refusal(slot: asyncpg.Record, request: VendRequest) -> tuple[CreateOutcome,
 #: MQTT 5 shared subscriptions) moves on at once rather than at its next reconcile pass.
 SETTLED_CHANNEL: Final = "vendgate_vend_settled"
 
-# The state change and its history row, in one statement (one round trip), and the
-# notification when it settles the vend (delivered at commit).
-_APPLY: Final = """
-WITH old AS (SELECT state FROM vends WHERE vend_id = $1 FOR UPDATE),
-moved AS (
-    UPDATE vends v
-    SET state = $2,
-        updated_at = now(),
-        dispense = COALESCE($4::jsonb, v.dispense),
-        first_sent_at = CASE WHEN $2 = 'sent' THEN COALESCE(v.first_sent_at, now())
-                             ELSE v.first_sent_at END,
-        settled_at = CASE WHEN $5 THEN now() ELSE v.settled_at END,
-        attempts = GREATEST(v.attempts, $6)
-    FROM old
-    WHERE v.vend_id = $1 AND v.state = ANY($3::text[])
-    RETURNING v.*, old.state AS from_state
-), history AS (
-    INSERT INTO vend_transitions (vend_id, from_state, to_state, event, actor, detail)
-    SELECT vend_id, from_state, state, $7, $8, $9::jsonb FROM moved
-)
-SELECT m.*, CASE WHEN $5 AND m.from_state <> m.state
-                 THEN pg_notify('vendgate_vend_settled', m.vend_id || ' ' || $10) END
-FROM moved m
-"""
-
 
 async def apply(
     conn: Conn,
@@ -324,27 +277,9 @@ async def apply(
     None means the compare-and-set found the vend in a state the event does not move
     (already moved by another message or gateway, or no such vend): nothing was written.
     """
-    target, allowed = _target(event)
-    record = await conn.fetchrow(
-        _APPLY,
-        vend_id,
-        target.value,
-        allowed,
-        None if dispense is None else json.dumps(dispense),
-        target.settled,
-        attempts,
-        event.value,
-        actor,
-        None if detail is None else json.dumps(detail),
-        origin,
+    (row,) = await apply_many(
+        conn, [Move(vend_id, event, detail, dispense, attempts, actor, origin)]
     )
-    if record is None:
-        return None
-    row = VendRow.from_record(record)
-    from_state = VendStatus(record["from_state"])
-    webhook = WEBHOOK_EVENTS.get(target)
-    if webhook is not None and from_state is not target:  # one event per state entered
-        await _enqueue_webhook(conn, row, webhook, detail)
     return row
 
 
@@ -361,7 +296,9 @@ class Move:
     origin: str = ""  # who moves it, in the settled notification
 
 
-# `_APPLY` for many vends at once (distinct ids): one statement, whatever their number.
+# The state changes of vends with distinct ids, compare-and-set on each one's state, with their
+# history rows, in one statement whatever their number, and the notification when a change
+# settles a vend (delivered at commit).
 _APPLY_MANY: Final = """
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bool[],
@@ -433,6 +370,7 @@ async def apply_many(conn: Conn, moves: Sequence[Move]) -> list[VendRow | None]:
         row = VendRow.from_record(record)
         rows[row.vend_id] = row
         webhook = WEBHOOK_EVENTS.get(row.state)
+        # One event per state entered.
         if webhook is not None and record["from_state"] != row.state.value:
             webhooks.append((row, webhook, by_id[row.vend_id].detail))
     if webhooks:
@@ -552,18 +490,10 @@ _OUTBOX_INSERT: Final = (
 )
 
 
-async def _enqueue_webhook(
-    conn: Conn, row: VendRow, event_type: str, detail: dict[str, Any] | None
-) -> None:
-    event_id = uuid.uuid4()
-    payload = webhook_payload(row, event_type, event_id, detail)
-    await conn.execute(_OUTBOX_INSERT, event_id, row.vend_id, event_type, json.dumps(payload))
-
-
 async def _enqueue_webhooks(
     conn: Conn, events: Sequence[tuple[VendRow, str, dict[str, Any] | None]]
 ) -> None:
-    """Several `_enqueue_webhook` in one round trip (``executemany`` pipelines them)."""
+    """Queue webhook events (row, event type, detail) in one round trip (``executemany``)."""
     args = []
     for row, event_type, detail in events:
         event_id = uuid.uuid4()

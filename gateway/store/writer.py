@@ -45,12 +45,11 @@ class Batchable(Generic[A, T]):
     """A kind of operation that many callers' arguments can share one statement for.
 
     ``run_many`` takes arguments with distinct keys and returns one result each, in order;
-    ``run_one`` is the same for one argument (and what a failed batch retries alone).
+    a failed batch retries each operation alone, with a list of one.
     """
 
     name: str
     run_many: Callable[[Conn, list[A]], Awaitable[list[T]]]
-    run_one: Callable[[Conn, A], Awaitable[T]]
 
 
 log = get_logger("gateway.store.writer")
@@ -257,10 +256,7 @@ async def _run_segment(
         assert kind is not None  # noqa: S101  (only batchable items are in a segment)
         kinds.setdefault(kind, []).append(index)
     for kind, indices in kinds.items():
-        if len(indices) == 1:
-            outcomes = [await kind.run_one(conn, items[indices[0]].arg)]
-        else:
-            outcomes = await kind.run_many(conn, [items[i].arg for i in indices])
+        outcomes = await kind.run_many(conn, [items[i].arg for i in indices])
         for index, outcome in zip(indices, outcomes, strict=True):
             results[index] = outcome
     for index in segment:

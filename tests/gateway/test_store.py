@@ -374,11 +374,7 @@ async def test_batchable_ops_share_one_statement_and_keep_per_key_order(
         calls.append(len(moves))
         return await vends.apply_many(conn, moves)
 
-    async def one(conn: Conn, move: vends.Move) -> vends.VendRow | None:
-        calls.append(1)
-        return await vends.apply(conn, move.vend_id, move.event)
-
-    kind = Batchable("test_moves", many, one)
+    kind = Batchable("test_moves", many)
     writer = GroupCommitter(pool, max_batch=64)
     sent = [
         writer.submit_batchable(kind, f"order-{i}", vends.Move(f"order-{i}", VendEvent.PUBLISHED))
