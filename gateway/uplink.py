@@ -9,6 +9,7 @@ propagate, so the MQTT layer leaves the message unacknowledged for redelivery.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
@@ -54,7 +55,7 @@ class MachineDirectory:
         self._unknown: dict[str, float] = {}
         self._ttl = negative_ttl_s
         self._clock = clock
-        self._asking: dict[str, asyncio.Future[bool]] = {}
+        self._asking: dict[str, asyncio.Task[bool]] = {}
 
     async def load(self) -> int:
         """Cache every registered id; return how many."""
@@ -70,21 +71,16 @@ class MachineDirectory:
         if checked is not None and self._clock() - checked < self._ttl:
             return False
         asking = self._asking.get(machine_id)
-        if asking is not None:
-            return await asyncio.shield(asking)
-        asking = self._asking[machine_id] = asyncio.get_running_loop().create_future()
-        try:
-            found = await self._writer.read(lambda conn: machines.exists(conn, machine_id))
-        except BaseException as exc:
-            del self._asking[machine_id]
-            if isinstance(exc, Exception):
-                asking.set_exception(exc)
-                asking.exception()  # retrieved, so that no one waiting is not a warning
-            else:
-                asking.cancel()
-            raise
-        del self._asking[machine_id]
-        asking.set_result(found)
+        if asking is None:
+            asking = self._asking[machine_id] = asyncio.get_running_loop().create_task(
+                self._ask(machine_id), name=f"gateway.uplink.is_known.{machine_id}"
+            )
+            asking.add_done_callback(functools.partial(self._asked, machine_id))
+        # Shielded: a caller that gives up does not cancel the query for the others.
+        return await asyncio.shield(asking)
+
+    async def _ask(self, machine_id: str) -> bool:
+        found = await self._writer.read(lambda conn: machines.exists(conn, machine_id))
         if found:
             self._known.add(machine_id)
             self._unknown.pop(machine_id, None)
@@ -93,6 +89,11 @@ class MachineDirectory:
                 self._unknown.clear()
             self._unknown[machine_id] = self._clock()
         return found
+
+    def _asked(self, machine_id: str, asking: asyncio.Task[bool]) -> None:
+        del self._asking[machine_id]
+        if not asking.cancelled():
+            asking.exception()  # retrieved: its callers may all have given up
 
     @property
     def known(self) -> set[str]:
