@@ -19,9 +19,26 @@ gateway processes alone (summed), between the go given to the load generator and
 settled vend; the fleet's CPU over the same window, the load generator's over its own run,
 and the whole host's busy time, say which process, if any, was the bottleneck.
 
+Telemetry (profile ``mixed``, or ``telemetry_rate`` > 0 in any): the fleet also publishes
+``Telemetry`` frames (`Fleet.report`), open loop at ``telemetry_rate`` frames/s in total, round
+robin over its machines, from the go until every vend is settled; it says how many it
+published when told to stop. Reading 0 of each frame is numbered: its value is the frame's
+number for its machine (1, 2, ...), so that every frame the fleet published can be found in
+PostgreSQL. Once they are durable (or have stopped arriving), each must be stored exactly
+once: under one (machine, boot, seq), with all its rows, and no row key (machine, boot, seq,
+idx) twice. ``telemetry_lost`` (published, not stored) and ``telemetry_duplicated`` fail the
+run as vend duplicates do. ``telemetry`` (``msgs``, ``rows``, ``mps``) counts the frames and
+rows durable for the run's machines since the start, over the window from the start to the
+last durable frame (PostgreSQL's clock): all 0 when the fleet sends none. The gateway's CPU
+per vend then includes the telemetry it stored.
+
 Then, unless ``limits`` is off, with the gateways stopped: ``limits.http_rps``, the same
 load generator (same vends, concurrency and rate) against a bare aiohttp handler
-(``python -m gateway.bench bare-http``) that reads the JSON body and answers 202.
+(``python -m gateway.bench bare-http``) that reads the JSON body and answers 202; and the
+telemetry profile's two limits (`gateway.bench_telemetry.measure_limits`) for frames of the
+same shape, as many as the fleet published (at least `LIMIT_MIN_MESSAGES`, at most the
+broker's queue), against the same broker and database: ``limits.mqtt_raw_ingest_mps``, one
+bare MQTT client receiving them, and ``limits.pg_copy_rows_s``, a bare ``COPY`` of their rows.
 """
 
 from __future__ import annotations
@@ -42,12 +59,14 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import asyncpg
 
+from gateway import bench_telemetry
 from gateway.benchkit import (
     GatewayProcess,
     Services,
@@ -66,6 +85,7 @@ from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
 from gateway.store import db, vends
 from gateway.webhooks import WebhookRecorder
+from protocols.frames import Reading, ReadingKind
 
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"  # noqa: S105  (a throwaway test secret)
 READY_MARK = b"FLEET-READY "
@@ -73,6 +93,17 @@ FLEET_LINE_LIMIT = 16 * 1024 * 1024
 LOAD_READY: Final = "LOAD-READY"
 HTTP_READY: Final = "HTTP-READY "
 RESULT_MARK: Final = "RESULT "
+TELEMETRY_MARK: Final = "TELEMETRY "
+# The fleet's telemetry publisher wakes this often and publishes the frames due by then.
+TELEMETRY_TICK_S: Final = 0.005
+# Telemetry frames still arriving after the stop: how long to wait for them, at most, and
+# how long without a new durable frame before giving up.
+TELEMETRY_SETTLE_S: Final = 60.0
+TELEMETRY_STALL_S: Final = 10.0
+# The telemetry limits are measured for this many frames at least (the vends profile's
+# fleet sends none) and at most the embedded broker's queue (the drain runs queue them).
+LIMIT_MIN_MESSAGES: Final = 10_000
+NO_LIMITS: Final[dict[str, Any]] = {"http_rps": None, **bench_telemetry.NO_LIMITS}
 TARGET_US_PER_VEND: Final = 250
 # Cores busy on average at which a single-threaded (asyncio) process is taken as saturated,
 # and the share of the host's CPUs at which the host is.
@@ -93,7 +124,10 @@ class BenchSettings:
     deadline_s: int = 60
     settle_timeout_s: float = 120.0
     gateways: int = 1
-    limits: bool = True  # measure limits.http_rps after the run
+    limits: bool = True  # measure the limits (HTTP, MQTT ingest, COPY) after the run
+    profile: str = "vends"  # the name in the result: "vends", or "mixed" (with telemetry)
+    telemetry_rate: float = 0.0  # Telemetry frames/s over the fleet, open loop; 0: none
+    telemetry_readings: int = 4  # readings per frame
     broker: str | None = None
     dsn: str | None = None
     workdir: Path | None = None
@@ -161,6 +195,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         await _register(urls[0], machine_ids)
 
         fleet_log = work / "dispense.jsonl"
+        telemetry_on = settings.telemetry_rate > 0
         fleet, connected = await start_fleet(
             stack,
             {
@@ -170,8 +205,11 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 "dispense_ms": settings.dispense_ms,
                 "slots": settings.slots,
                 "log": str(fleet_log),
+                "telemetry_rate": settings.telemetry_rate,
+                "telemetry_readings": settings.telemetry_readings,
             },
             timeout_s=120,
+            control=telemetry_on,
         )
         if connected != machine_ids:
             raise RuntimeError("the fleet's machine ids differ from the registered ones")
@@ -186,28 +224,39 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
             "slots": settings.slots,
             "deadline_s": settings.deadline_s,
         }
+        pool = await db.create_pool(dsn, min_size=1, max_size=2)
+        stack.push_async_callback(pool.close)
         started = time.time()
         load = await _LoadGenerator.start(stack, load_args)
+        since = await pool.fetchval("SELECT now()")  # telemetry counts from here (its clock)
         before = _sample(gateways, fleet.pid)
+        if telemetry_on:
+            await _tell(fleet, "telemetry-start")
         await load.go()
         load_result, loadgen_cpu = await load.finish()
 
-        pool = await db.create_pool(dsn, min_size=1, max_size=2)
-        stack.push_async_callback(pool.close)
         settled = await _settle(pool, gateways, settings.settle_timeout_s)
         after = _sample(gateways, fleet.pid)
         elapsed = time.time() - started
         rss = [rss_mb(g.pid) for g in gateways]
+        published, durable_in_time = (
+            await _end_telemetry(fleet, pool, machine_ids, since) if telemetry_on else ({}, True)
+        )
         await asyncio.sleep(1.0)  # let the last webhooks and result re-sends land
         rows, history = await _fetch_vends(pool, work)
+        counts = await check_telemetry(
+            pool, machine_ids, since, published, settings.telemetry_readings
+        )
         await stop_process(fleet)
         turns = read_dispense_log(fleet_log)
 
-        limits: dict[str, Any] = {"http_rps": None}
+        limits: dict[str, Any] = dict(NO_LIMITS)
         if settings.limits:
-            for gateway in gateways:  # the limit is measured on a quiet host
+            for gateway in gateways:  # the limits are measured on a quiet host
                 await stop_process(gateway.process)
-            limits = await http_limit(load_args)
+            limits = await _measure_limits(
+                services, secret, settings, load_args, int(published.get("published", 0))
+            )
 
     cpu = CpuUse(
         window_s=after.wall - before.wall,
@@ -229,8 +278,45 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
         cpu=cpu,
         rss=rss,
         limits=limits,
+        telemetry=telemetry_result(
+            counts,
+            published,
+            rate=settings.telemetry_rate,
+            readings=settings.telemetry_readings,
+            durable_in_time=durable_in_time,
+        ),
         work=work,
     )
+
+
+async def _end_telemetry(
+    fleet: asyncio.subprocess.Process, pool: asyncpg.Pool, machine_ids: list[str], since: datetime
+) -> tuple[dict[str, Any], bool]:
+    """Stop the fleet's telemetry, wait for what it published; return that and if all came."""
+    published = await _stop_telemetry(fleet)
+    durable = await _wait_telemetry(pool, machine_ids, since, int(published["published"]))
+    return published, durable
+
+
+async def _measure_limits(
+    services: Services,
+    secret: bytes,
+    settings: BenchSettings,
+    load_args: dict[str, Any],
+    published: int,
+) -> dict[str, Any]:
+    """Measure the three limits, one after the other, with the gateways stopped."""
+    limits = {**NO_LIMITS, **await http_limit(load_args)}
+    limits.update(
+        await telemetry_limits(
+            services,
+            secret,
+            machines=settings.machines,
+            readings=settings.telemetry_readings,
+            published=published,
+        )
+    )
+    return limits
 
 
 async def _start_gateways(
@@ -441,14 +527,20 @@ async def start_fleet(
     *,
     timeout_s: float,
     stop_timeout_s: float = 15.0,
+    control: bool = False,
 ) -> tuple[asyncio.subprocess.Process, list[str]]:
-    """Start the fleet process (``_fleet_main`` takes ``args``); return it once connected."""
+    """Start the fleet process (``_fleet_main`` takes ``args``); return it once connected.
+
+    ``control``: its stdin is a pipe that takes commands (``telemetry-start``,
+    ``telemetry-stop``; see `_fleet_main`).
+    """
     fleet = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gateway.bench",
         "fleet",
         json.dumps(args),
+        stdin=asyncio.subprocess.PIPE if control else None,
         stdout=asyncio.subprocess.PIPE,
         limit=FLEET_LINE_LIMIT,  # the ready line lists every machine id
     )
@@ -467,6 +559,212 @@ async def fleet_ready(stdout: asyncio.StreamReader) -> list[str]:
     raise RuntimeError("the fleet process exited before it was ready")
 
 
+# --- telemetry: the fleet's publishing, the durable frames, the limits ------------------------
+
+
+async def _tell(process: asyncio.subprocess.Process, command: str) -> None:
+    assert process.stdin is not None  # noqa: S101  (started with control=True)
+    process.stdin.write(command.encode() + b"\n")
+    await process.stdin.drain()
+
+
+async def _stop_telemetry(fleet: asyncio.subprocess.Process) -> dict[str, Any]:
+    """Stop the fleet's telemetry; return what it says it published (`_TelemetryPublisher`)."""
+    await _tell(fleet, "telemetry-stop")
+    assert fleet.stdout is not None  # noqa: S101  (PIPE was asked for)
+    return await asyncio.wait_for(_read_marked(fleet.stdout, TELEMETRY_MARK), timeout=60)
+
+
+_COUNT_FRAMES: Final = """
+SELECT count(*) FROM telemetry_frames WHERE machine_id = ANY($1::text[]) AND received_at >= $2
+"""
+
+
+async def _wait_telemetry(
+    pool: asyncpg.Pool,
+    machine_ids: list[str],
+    since: datetime,
+    expected: int,
+) -> bool:
+    """Wait until ``expected`` frames are durable (True), or stop arriving (False).
+
+    Gives up after `TELEMETRY_STALL_S` without a new frame, or `TELEMETRY_SETTLE_S` in all.
+    """
+    start = changed = time.monotonic()
+    last = -1
+    while True:
+        durable = int(await pool.fetchval(_COUNT_FRAMES, machine_ids, since))
+        now = time.monotonic()
+        if durable >= expected:
+            return True
+        if durable != last:
+            last, changed = durable, now
+        elif now - changed > TELEMETRY_STALL_S or now - start > TELEMETRY_SETTLE_S:
+            return False
+        await asyncio.sleep(0.1)
+
+
+def expected_frames(
+    machine_ids: list[str], sent: list[int], unsent: Iterable[tuple[int, int]]
+) -> tuple[list[str], list[int]]:
+    """Return the frames the fleet published, as (machine ids, frame numbers), two columns.
+
+    ``sent[m]``: the frames machine ``m`` built, numbered 1.. ``sent[m]``; ``unsent``: the
+    (machine index, number) of those it could not publish (offline, or its window full).
+    """
+    skip = {(m, n) for m, n in unsent}
+    machines: list[str] = []
+    numbers: list[int] = []
+    for m, last in enumerate(sent):
+        for n in range(1, last + 1):
+            if (m, n) not in skip:
+                machines.append(machine_ids[m])
+                numbers.append(n)
+    return machines, numbers
+
+
+# $1: the run's machines; $2: the start; $3, $4: the frames published, (machine, number);
+# $5: readings per frame. Rows are those of the frames in the ledger since the start (their
+# own received_at, the gateway's clock, only narrows the partitions read).
+_CHECK_TELEMETRY: Final = """
+WITH f AS (
+    SELECT machine_id, boot, seq, received_at FROM telemetry_frames
+     WHERE machine_id = ANY($1::text[]) AND received_at >= $2
+),
+r AS (
+    SELECT machine_id, boot, seq, t.idx, t.value FROM telemetry_readings t
+      JOIN f USING (machine_id, boot, seq)
+     WHERE t.received_at >= $2::timestamptz - interval '10 minutes'
+),
+ev AS (
+    SELECT machine_id, boot, seq, t.idx FROM telemetry_events t
+      JOIN f USING (machine_id, boot, seq)
+     WHERE t.received_at >= $2::timestamptz - interval '10 minutes'
+),
+frames AS (
+    SELECT machine_id, boot, seq, count(DISTINCT idx) AS readings,
+           min(value) FILTER (WHERE idx = 0) AS number
+      FROM r GROUP BY 1, 2, 3
+),
+twice AS (
+    SELECT DISTINCT machine_id, boot, seq
+      FROM (SELECT machine_id, boot, seq, idx FROM r
+            UNION ALL SELECT machine_id, boot, seq, idx FROM ev) k
+     GROUP BY machine_id, boot, seq, idx HAVING count(*) > 1
+),
+published AS (
+    SELECT * FROM unnest($3::text[], $4::int[]) AS p(machine_id, number)
+),
+found AS (
+    SELECT p.machine_id, p.number, count(fr.seq) AS copies,
+           coalesce(bool_and(fr.readings >= $5), false) AS whole
+      FROM published p
+      LEFT JOIN frames fr ON (fr.machine_id, fr.number) = (p.machine_id, p.number)
+     GROUP BY 1, 2
+)
+SELECT
+    (SELECT count(*) FROM f) AS msgs,
+    (SELECT count(*) FROM r) AS readings,
+    (SELECT count(*) FROM ev) AS events,
+    (SELECT extract(epoch FROM max(received_at) - $2::timestamptz) FROM f) AS window_s,
+    (SELECT count(*) FROM published) AS published,
+    (SELECT count(*) FROM found WHERE copies = 0) AS missing,
+    (SELECT count(*) FROM found WHERE copies > 0 AND NOT whole) AS incomplete,
+    (SELECT count(*) FROM found WHERE copies > 1) AS copied,
+    (SELECT count(*) FROM twice) AS rows_twice,
+    (SELECT count(*) FROM frames fr WHERE NOT EXISTS (
+        SELECT 1 FROM published p WHERE (p.machine_id, p.number) = (fr.machine_id, fr.number)
+    )) AS unexpected
+"""
+
+
+async def check_telemetry(
+    pool: asyncpg.Pool,
+    machine_ids: list[str],
+    since: datetime,
+    published: dict[str, Any],
+    readings: int,
+) -> dict[str, Any]:
+    """Count the run's durable telemetry and compare it with what the fleet published.
+
+    Frames in the ledger (``telemetry_frames``) for the run's machines since ``since``, their
+    rows, and per frame published (found by reading 0's number): ``missing`` (no frame has
+    it), ``incomplete`` (stored without all ``readings`` readings), ``copied`` (under more
+    than one (boot, seq)); ``rows_twice``: frames with a row key (machine, boot, seq, idx)
+    twice; ``unexpected``: stored frames the fleet did not publish.
+    """
+    machines, numbers = expected_frames(
+        machine_ids,
+        [int(n) for n in published.get("sent", [])],
+        [(int(m), int(n)) for m, n in published.get("unsent", [])],
+    )
+    row = await pool.fetchrow(_CHECK_TELEMETRY, machine_ids, since, machines, numbers, readings)
+    assert row is not None  # noqa: S101  (an aggregate query returns one row)
+    return {
+        key: (float(value) if key == "window_s" else int(value)) if value is not None else None
+        for key, value in row.items()
+    }
+
+
+def telemetry_result(
+    counts: dict[str, Any],
+    published: dict[str, Any],
+    *,
+    rate: float,
+    readings: int,
+    durable_in_time: bool,
+) -> dict[str, Any]:
+    """Return the result's ``telemetry``, from `check_telemetry`'s counts and the fleet's.
+
+    ``mps`` and ``rows_s``: durable frames and rows over ``window_s``, the start to the last
+    durable frame; 0.0 without telemetry. ``lost``: frames published and not stored whole;
+    ``duplicated``: frames stored under two (boot, seq), or with a row twice.
+    """
+    msgs = int(counts.get("msgs") or 0)
+    rows = int(counts.get("readings") or 0) + int(counts.get("events") or 0)
+    window = float(counts.get("window_s") or 0.0)
+    return {
+        "msgs": msgs,
+        "rows": rows,
+        "mps": round(msgs / window, 1) if msgs and window > 0 else 0.0,
+        "rows_s": round(rows / window, 1) if rows and window > 0 else 0.0,
+        "window_s": round(window, 3),
+        "rate": rate,
+        "readings_per_frame": readings,
+        "events": int(counts.get("events") or 0),
+        "published": int(published.get("published", 0)),
+        "unsent": len(published.get("unsent", [])),
+        "fleet_publish_mps": published.get("publish_mps"),
+        "lost": int(counts.get("missing") or 0) + int(counts.get("incomplete") or 0),
+        "duplicated": int(counts.get("copied") or 0) + int(counts.get("rows_twice") or 0),
+        "unexpected": int(counts.get("unexpected") or 0),
+        "durable_in_time": durable_in_time,
+    }
+
+
+async def telemetry_limits(
+    services: Services, secret: bytes, *, machines: int, readings: int, published: int
+) -> dict[str, Any]:
+    """Measure ``mqtt_raw_ingest_mps`` and ``pg_copy_rows_s`` for frames like the fleet's.
+
+    The telemetry profile's limits (`bench_telemetry.measure_limits`), for ``published``
+    frames of ``readings`` readings and no event over ``machines`` machines (at least
+    `LIMIT_MIN_MESSAGES`, at most the broker's queue).
+    """
+    plan = bench_telemetry.Plan(
+        id_prefix=f"lim{secrets.token_hex(3)}",
+        machines=machines,
+        messages=min(max(published, LIMIT_MIN_MESSAGES), bench_telemetry.BROKER_QUEUE),
+        readings=readings,
+        event_every=2**62,  # in effect never: the fleet's frames carry no events
+        seed=1,
+        t0_ms=int(time.time() * 1000),
+    )
+    return await bench_telemetry.measure_limits(
+        services.broker_url, services.dsn, plan, secret=secret
+    )
+
+
 # --- the result --------------------------------------------------------------------------------
 
 
@@ -476,12 +774,32 @@ def _per_s(amount: float | None, seconds: float | None) -> float | None:
     return round(amount / seconds, 3)
 
 
-def ratios(throughput_vps: float | None, limits: dict[str, Any]) -> dict[str, float | None]:
-    """Return our rates over the limits measured (None where a limit is missing or zero)."""
-    http_rps = limits.get("http_rps")
-    if throughput_vps is None or not http_rps:
-        return {"vps_over_http_rps": None}
-    return {"vps_over_http_rps": round(throughput_vps / http_rps, 3)}
+def _ratio(value: float | None, limit: float | None) -> float | None:
+    if value is None or not limit:
+        return None
+    return round(value / limit, 3)
+
+
+def ratios(
+    throughput_vps: float | None,
+    limits: dict[str, Any],
+    telemetry: dict[str, Any] | None = None,
+) -> dict[str, float | None]:
+    """Return our rates over the limits measured.
+
+    None where a limit is missing or zero, and for the telemetry ratios where the run had no
+    telemetry (``mps`` or ``rows_s`` 0).
+    """
+    t = telemetry or {}
+    return {
+        "vps_over_http_rps": _ratio(throughput_vps, limits.get("http_rps")),
+        "telemetry_mps_over_mqtt_raw_ingest_mps": _ratio(
+            t.get("mps") or None, limits.get("mqtt_raw_ingest_mps")
+        ),
+        "telemetry_rows_s_over_pg_copy_rows_s": _ratio(
+            t.get("rows_s") or None, limits.get("pg_copy_rows_s")
+        ),
+    }
 
 
 def latency_stages(history: Iterable[tuple[str, str, float]]) -> dict[str, dict[str, float]]:
@@ -527,6 +845,7 @@ def _report(
     cpu: CpuUse,
     rss: list[float],
     limits: dict[str, Any],
+    telemetry: dict[str, Any],
     work: Path,
 ) -> dict[str, Any]:
     verdict = check(
@@ -547,8 +866,9 @@ def _report(
     cpu_s = sum(cpu.gateways_s)
     throughput = round(completed / window, 1) if window > 0 else 0.0
     cpu_us = round(cpu_s * 1e6 / completed, 1) if completed else None
+    problems = verdict.problems[:20] + telemetry_problems(telemetry)
     result: dict[str, Any] = {
-        "profile": "vends",
+        "profile": settings.profile,
         "machines": settings.machines,
         "vends_requested": settings.vends,
         "vends_accepted": load["accepted"],
@@ -560,7 +880,7 @@ def _report(
         "conflicts": verdict.conflicts,
         "webhooks_missing": verdict.webhooks_missing,
         "webhook_duplicate_events": verdict.webhook_duplicates,
-        "problems": verdict.problems[:20],
+        "problems": problems,
         "webhook_bad_signatures": receiver.rejected,
         "throughput_vps": throughput,
         "latency_ms": {
@@ -585,6 +905,8 @@ def _report(
             "slots": settings.slots,
             "gateways": settings.gateways,
             "limits": settings.limits,
+            "telemetry_rate": settings.telemetry_rate,
+            "telemetry_readings": settings.telemetry_readings,
             "broker": "external" if settings.broker else "embedded",
             "database": "external" if settings.dsn else "embedded",
         },
@@ -608,14 +930,36 @@ def _report(
             ),
             "host_cpus": cpu.host_cpus,
         },
+        "telemetry": telemetry,
+        "telemetry_lost": telemetry["lost"],
+        "telemetry_duplicated": telemetry["duplicated"],
         "limits": limits,
-        "ratios": ratios(throughput, limits),
+        "ratios": ratios(throughput, limits, telemetry),
         "target_us_per_vend": TARGET_US_PER_VEND,
         "meets_target": cpu_us is not None and cpu_us <= TARGET_US_PER_VEND,
     }
     result["bottlenecks"] = bottlenecks(result)
     result["passed"] = passed(result)
     return result
+
+
+def telemetry_problems(telemetry: dict[str, Any]) -> list[str]:
+    """Say what went wrong with the run's telemetry, if anything."""
+    out = []
+    if telemetry.get("lost"):
+        out.append(
+            f"{telemetry['lost']} telemetry frames published by the fleet and not stored (whole)"
+        )
+    if telemetry.get("duplicated"):
+        out.append(f"{telemetry['duplicated']} telemetry frames stored more than once")
+    if telemetry.get("unexpected"):
+        out.append(f"{telemetry['unexpected']} telemetry frames stored that were not published")
+    if telemetry.get("durable_in_time") is False:
+        out.append(
+            f"only {telemetry.get('msgs')} of {telemetry.get('published')} telemetry frames "
+            "published became durable"
+        )
+    return out
 
 
 def bottlenecks(result: dict[str, Any]) -> list[str]:
@@ -743,7 +1087,9 @@ def latency_findings(result: dict[str, Any]) -> list[str]:
 def _limit_lines(result: dict[str, Any]) -> list[str]:
     s, limits, ratio = result["settings"], result.get("limits") or {}, result.get("ratios") or {}
     http = limits.get("http") or {}
-    if limits.get("http_rps") is None and not http:
+    raw, copy = limits.get("mqtt_raw") or {}, limits.get("pg_copy") or {}
+    measured = ("http_rps", "mqtt_raw_ingest_mps", "pg_copy_rows_s")
+    if all(limits.get(key) is None for key in measured) and not (http or raw or copy):
         return ["Not measured (`--no-limits`)."]
     lines = [
         "| limit | value | our rate over it |",
@@ -754,6 +1100,10 @@ def _limit_lines(result: dict[str, Any]) -> list[str]:
             f"| {_num(limits.get('http_rps'), 'requests/s')} "
             f"| {_num(ratio.get('vps_over_http_rps'))} |"
         ),
+    ]
+    if "mqtt_raw_ingest_mps" in limits or "pg_copy_rows_s" in limits:
+        lines += _telemetry_limit_rows(result)
+    lines += [
         "",
         (
             f"The bare server used {_num(http.get('server_cpu_us_per_request'), 'µs')} of CPU "
@@ -774,7 +1124,83 @@ def _limit_lines(result: dict[str, Any]) -> list[str]:
             f"In open loop the generator paces its requests at {s['rate']:g}/s, so this limit "
             "can be no higher: it says whether the HTTP side keeps up, not how fast it could go."
         )
+    telemetry_rate = (result.get("telemetry") or {}).get("rate")
+    if telemetry_rate and limits.get("mqtt_raw_ingest_mps") is not None:
+        lines.append(
+            f"The fleet's telemetry was paced at {telemetry_rate:g} frames/s (open loop), so "
+            "its ratios say what share of the MQTT and COPY limits that load took, not how "
+            "fast the gateway could store telemetry (`--profile telemetry` measures that)."
+        )
     return lines
+
+
+def _telemetry_limit_rows(result: dict[str, Any]) -> list[str]:
+    limits, ratio = result.get("limits") or {}, result.get("ratios") or {}
+    raw, copy = limits.get("mqtt_raw") or {}, limits.get("pg_copy") or {}
+    runs = {mode: (raw.get(mode) or {}).get("mps") for mode in ("live", "drain", "drain_codec")}
+    frames = (raw.get("drain") or raw.get("live") or {}).get("received")
+    sent = bool((result.get("telemetry") or {}).get("msgs"))
+
+    def over(key: str) -> str:
+        return _num(ratio.get(key)) if sent else "none: no telemetry in this run"
+
+    return [
+        (
+            f"| MQTT raw ingest: one bare client receiving {_num(frames)} `Telemetry` frames "
+            "like the fleet's, the fastest of gmqtt through a shared subscription while they "
+            f"are published ({_num(runs['live'], 'msg/s')}), gmqtt taking them queued "
+            f"({_num(runs['drain'], 'msg/s')}) and protocols.mqtt5 taking them queued "
+            f"({_num(runs['drain_codec'], 'msg/s')}) "
+            f"| {_num(limits.get('mqtt_raw_ingest_mps'), 'msg/s')} "
+            f"| {over('telemetry_mps_over_mqtt_raw_ingest_mps')} |"
+        ),
+        (
+            f"| PostgreSQL `COPY` of their rows ({_num(copy.get('rows'))} rows into the "
+            f"telemetry tables, {_num(copy.get('into'))}, {_num(copy.get('batch_rows'))} rows "
+            f"per transaction) | {_num(limits.get('pg_copy_rows_s'), 'rows/s')} "
+            f"| {over('telemetry_rows_s_over_pg_copy_rows_s')} |"
+        ),
+    ]
+
+
+def _telemetry_lines(result: dict[str, Any]) -> dict[str, list[str]]:
+    """Return the report's telemetry lines, by section (``ran``, ``results``, ``check``)."""
+    t = result.get("telemetry")
+    if t is None:
+        return {"ran": [], "results": [], "check": []}
+    unsent = (
+        f", {t['unsent']} not sent (machine offline or its window full)" if t.get("unsent") else ""
+    )
+    if t.get("rate"):
+        ran = [
+            (
+                f"- The fleet also published `Telemetry` frames (QoS 1, "
+                f"{t.get('readings_per_frame')} readings each), open loop at {t['rate']:g} "
+                "frames/s in total, round robin over its machines, from the go until every "
+                f"vend was settled: {t.get('published')} published{unsent}, at "
+                f"{_num(t.get('fleet_publish_mps'), 'frames/s')}. Reading 0 of each frame "
+                "carries its number for its machine, so that each one published is found "
+                "in the database. The gateway's CPU per vend includes the telemetry."
+            )
+        ]
+    else:
+        ran = ["- No telemetry was published (`--telemetry-rate 0`)."]
+    results = [
+        f"| telemetry durable: messages / rows | {t['msgs']} / {t['rows']} |",
+        (
+            f"| telemetry rate, start to last durable frame ({t.get('window_s')} s) "
+            f"| {t['mps']} msg/s, {t.get('rows_s')} rows/s |"
+        ),
+    ]
+    check_line = (
+        f"Telemetry: published {t.get('published', 0)}, durable {t['msgs']} frames "
+        f"({t['rows']} rows); lost {t['lost']}, duplicated {t['duplicated']}, unexpected "
+        f"{t.get('unexpected', 0)}. Each frame the fleet published must be stored once, "
+        "under one (machine, boot, seq), with all its rows."
+    )
+    if t.get("durable_in_time") is False:
+        check_line += " Not every frame published became durable before the wait gave up."
+    return {"ran": ran, "results": results, "check": ["", check_line]}
 
 
 def _cpu_table(result: dict[str, Any]) -> list[str]:
@@ -831,8 +1257,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"Mosquitto ({s.get('broker', 'embedded')}) and PostgreSQL "
         f"({s.get('database', 'embedded')})"
     )
+    telemetry = _telemetry_lines(result)
+    title = (
+        "vendgate mixed benchmark (vends and telemetry)"
+        if result.get("profile") == "mixed"
+        else "vendgate vend benchmark"
+    )
     lines = [
-        "# vendgate vend benchmark",
+        f"# {title}",
         "",
         (
             f"Exactly-once: **{verdict}**. Throughput {result['throughput_vps']} vends/s; "
@@ -858,6 +1290,7 @@ def markdown(result: dict[str, Any]) -> str:
             "(accepted to final). CPU: /proc, from the go given to the load generator to the "
             f"last settled vend ({_num(result.get('cpu_window_s'), 's')})."
         ),
+        *telemetry["ran"],
         "",
         "## Results",
         "",
@@ -892,6 +1325,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"| gateway RSS{' (each = sum)' if n != 1 else ''} | {rss} |",
         f"| all settled in time | {'yes' if result['settled_in_time'] else 'no'} |",
         f"| elapsed, load start to last settled | {result['elapsed_s']} s |",
+        *telemetry["results"],
     ]
     if findings := latency_findings(result):
         lines += ["", *findings]
@@ -908,6 +1342,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['webhook_bad_signatures']}. The fleet's dispense log, the database and "
             "the webhooks received were compared."
         ),
+        *telemetry["check"],
     ]
     if result["problems"]:
         lines += ["", *(f"- {p}" for p in result["problems"])]
@@ -946,12 +1381,37 @@ def summary(result: dict[str, Any]) -> str:
         )
         if result.get("bottlenecks"):
             text += f"; CPU-bound: {', '.join(result['bottlenecks'])}"
+    if (t := result.get("telemetry")) is not None:
+        text += (
+            f"\ntelemetry: {t['msgs']} msgs, {t['rows']} rows durable, {t['mps']} msg/s "
+            f"(published {t.get('published', 0)} at {t.get('rate', 0):g}/s); lost {t['lost']}, "
+            f"duplicated {t['duplicated']}"
+        )
+    if "mqtt_raw_ingest_mps" in limits or "pg_copy_rows_s" in limits:
+        over = (
+            f"telemetry over them {_num(ratio.get('telemetry_mps_over_mqtt_raw_ingest_mps'))} "
+            f"and {_num(ratio.get('telemetry_rows_s_over_pg_copy_rows_s'))}"
+            if (result.get("telemetry") or {}).get("msgs")
+            else "no telemetry in this run to compare"
+        )
+        text += (
+            f"\nlimits: MQTT raw ingest {_num(limits.get('mqtt_raw_ingest_mps'), 'msg/s')}, "
+            f"PostgreSQL COPY {_num(limits.get('pg_copy_rows_s'), 'rows/s')}; {over}"
+        )
     return text
 
 
 def passed(result: dict[str, Any]) -> bool:
-    """Return whether the exactly-once invariants held."""
-    return bool(result["duplicates"] == 0 and result["lost"] == 0 and result["conflicts"] == 0)
+    """Return whether the exactly-once invariants held, for vends and for telemetry."""
+    telemetry = result.get("telemetry") or {}
+    return bool(
+        result["duplicates"] == 0
+        and result["lost"] == 0
+        and result["conflicts"] == 0
+        and not result.get("telemetry_lost")
+        and not result.get("telemetry_duplicated")
+        and not telemetry.get("unexpected")
+    )
 
 
 # --- child processes -----------------------------------------------------------------------
@@ -984,7 +1444,127 @@ async def _fleet_main(args: dict[str, Any]) -> None:
         fleet.configure_locally()
         sys.stdout.write(READY_MARK.decode() + json.dumps(fleet.machine_ids) + "\n")
         sys.stdout.flush()
+        rate = float(args.get("telemetry_rate") or 0.0)
+        if rate > 0:
+            publisher = _TelemetryPublisher(
+                fleet, rate, int(args.get("telemetry_readings", 4)), settings.slots
+            )
+            await _telemetry_commands(publisher, stop)
         await stop.wait()
+
+
+def telemetry_readings(number: int, count: int, slots: int) -> tuple[Reading, ...]:
+    """Return the ``count`` readings of a machine's frame ``number`` (1, 2, ...).
+
+    Reading 0 is a temperature whose value is ``number``: the benchmark's own numbering, by
+    which the check finds each frame in the database. Then signal strength and stock levels,
+    like the telemetry profile's frames; no event.
+    """
+    readings = [
+        Reading(0, ReadingKind.TEMPERATURE, None, number),
+        Reading(200, ReadingKind.RSSI, None, -60 - number % 20),
+    ]
+    readings.extend(
+        Reading(400 + 100 * k, ReadingKind.STOCK, (number + k) % slots + 1, 12 - (number + k) % 12)
+        for k in range(max(0, count - 2))
+    )
+    return tuple(readings[:count])
+
+
+class _TelemetryPublisher:
+    """In the fleet: ``Telemetry`` frames at ``rate`` per second in all, round robin (open loop).
+
+    Every `TELEMETRY_TICK_S` it publishes the frames due since the start, so a late wake-up
+    catches up instead of lowering the rate. A frame the fleet could not put on the wire
+    (its machine offline, or its window of unacknowledged publishes full) is counted as
+    unsent, by (machine index, number).
+    """
+
+    def __init__(self, fleet: Fleet, rate: float, readings: int, slots: int) -> None:
+        self.fleet = fleet
+        self.rate = rate
+        self.readings = readings
+        self.slots = slots
+        self.sent = [0] * len(fleet.machine_ids)  # frames built per machine (the last number)
+        self.unsent: list[tuple[int, int]] = []
+        self.published = 0
+        self.span_s = 0.0
+
+    def _dropped(self) -> int:
+        stats = self.fleet.stats
+        return (
+            stats["publish_dropped_offline"]
+            + stats["publish_dropped_inflight"]
+            + stats["fault_dropped_up"]
+        )
+
+    async def run(self, halt: asyncio.Event) -> None:
+        """Publish until ``halt`` is set."""
+        fleet, machine_ids = self.fleet, self.fleet.machine_ids
+        n = len(machine_ids)
+        start = time.perf_counter()
+        k = 0
+        try:
+            while not halt.is_set():
+                due = int((time.perf_counter() - start) * self.rate) + 1
+                while k < due:
+                    m = k % n
+                    self.sent[m] += 1
+                    number = self.sent[m]
+                    dropped = self._dropped()
+                    readings = telemetry_readings(number, self.readings, self.slots)
+                    if fleet.report(machine_ids[m], readings) and self._dropped() == dropped:
+                        self.published += 1
+                    else:
+                        self.unsent.append((m, number))
+                    k += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(halt.wait(), timeout=TELEMETRY_TICK_S)
+        finally:
+            self.span_s = time.perf_counter() - start
+
+    def result(self) -> dict[str, Any]:
+        """Return what was published: counts, each machine's last number, the unsent."""
+        return {
+            "published": self.published,
+            "sent": self.sent,
+            "unsent": self.unsent,
+            "span_s": round(self.span_s, 3),
+            "publish_mps": round(self.published / self.span_s, 1) if self.span_s > 0 else None,
+        }
+
+
+async def _telemetry_commands(publisher: _TelemetryPublisher, stop: asyncio.Event) -> None:
+    """Start the publisher on ``telemetry-start`` from stdin; stop it on ``telemetry-stop``.
+
+    Then print what it published on a `TELEMETRY_MARK` line. The end of stdin, or ``stop``,
+    stops it too.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stopped = asyncio.create_task(stop.wait(), name="bench.fleet.stop")
+
+    async def command() -> str:
+        line = asyncio.create_task(reader.readline(), name="bench.fleet.command")
+        await asyncio.wait([line, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not line.done():
+            line.cancel()
+            return ""
+        return line.result().decode().strip()
+
+    try:
+        if await command() != "telemetry-start":
+            return
+        halt = asyncio.Event()
+        task = asyncio.create_task(publisher.run(halt), name="bench.fleet.telemetry")
+        await command()  # telemetry-stop, or the end
+        halt.set()
+        await task
+        sys.stdout.write(TELEMETRY_MARK + json.dumps(publisher.result()) + "\n")
+        sys.stdout.flush()
+    finally:
+        stopped.cancel()
 
 
 def gateway_of(request: int, gateways: int, machines: int) -> int:

@@ -28,6 +28,9 @@ Measured, once every row is durable (counts polled) or nothing moved for ``stall
   ``pg_copy_rows_s``, a ``copy`` child writing the same rows with ``copy_records_to_table``
   into the same tables (a scratch partition, dropped afterwards), one transaction per
   ``telemetry.batch_rows`` rows.
+
+The vend benchmark (gateway/bench.py, profiles ``vends`` and ``mixed``) measures the same two
+limits with `measure_limits`, a generator of its own for a plan shaped like its fleet's frames.
 """
 
 from __future__ import annotations
@@ -263,28 +266,17 @@ async def run_telemetry(settings: TelemetrySettings) -> dict[str, Any]:
         stack.push_async_callback(pool.close)
         base_frames = await _count_frames(pool)
 
-        gen = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.bench_telemetry",
-            "gen",
-            json.dumps(
-                {
-                    "broker": services.broker_url,
-                    "secret": secret.hex(),
-                    "plan": asdict(plan),
-                    "publishers": settings.publishers,
-                    "window": settings.window,
-                    "rate": settings.rate,
-                }
-            ),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        gen, encoded = await start_generator(
+            stack,
+            services.broker_url,
+            secret,
+            plan,
+            publishers=settings.publishers,
+            window=settings.window,
+            rate=settings.rate,
         )
-        stack.push_async_callback(stop_process, gen)
         assert gen.stdin is not None  # noqa: S101  (PIPE was asked for)
         assert gen.stdout is not None  # noqa: S101
-        encoded = await asyncio.wait_for(_read_marked(gen.stdout, READY_MARK), timeout=600)
 
         # --- the measured run: the gateway takes the load ---
         frames_expected = settings.messages - len(skipped)
@@ -320,18 +312,19 @@ async def run_telemetry(settings: TelemetrySettings) -> dict[str, Any]:
             verdict = await _verify(conn, machine_ids, expected_rows)
 
         # --- the limits, with the gateway idle ---
-        limits: dict[str, Any] = {"mqtt_raw_ingest_mps": None, "pg_copy_rows_s": None}
+        limits: dict[str, Any] = dict(NO_LIMITS)
         if settings.limits:
-            raw = await _raw_limit(services.broker_url, settings, gen.stdin, gen.stdout)
-            copy = await _copy_limit(services.dsn, plan, settings.batch_rows)
-            limits = {
-                "mqtt_raw_ingest_mps": raw["mps"],
-                "pg_copy_rows_s": copy["rows_s"],
-                "mqtt_raw": raw,
-                "pg_copy": copy,
-            }
-        gen.stdin.close()  # the generator disconnects and exits at the end of its input
-        await _finish(gen)
+            limits = await generator_limits(
+                gen,
+                services.broker_url,
+                services.dsn,
+                plan,
+                topic_prefix=settings.topic_prefix,
+                batch_rows=settings.batch_rows,
+                stall_s=settings.stall_s,
+                timeout_s=settings.settle_timeout_s + 60,
+            )
+        await stop_generator(gen)
         log_errors = _count_log_errors(gateway.log)
 
     return _report(
@@ -494,20 +487,28 @@ async def _verify(
     return {key: int(value) for key, value in row.items()}
 
 
-async def _raw_limit(
+async def raw_limit(
     broker_url: str,
-    settings: TelemetrySettings,
-    gen_in: asyncio.StreamWriter,
-    gen_out: asyncio.StreamReader,
+    gen: asyncio.subprocess.Process,
+    *,
+    expected: int,
+    topic_prefix: str,
+    stall_s: float,
+    timeout_s: float,
 ) -> dict[str, Any]:
-    """Time one bare subscriber taking the same messages, on a prefix the gateway ignores.
+    """Time one bare subscriber taking the generator's messages, on a prefix nobody else reads.
 
-    Twice: ``live``, subscribed through a shared filter like the gateway's while the
-    generator publishes (so it can be no faster than the generator); then ``drain``, the
-    messages queued at the broker for its offline session first, then taken as fast as the
-    client can, from CONNECT to the last message. The limit is the faster of the two.
+    ``gen`` is a generator child (`start_generator`), ready, publishing ``expected`` messages
+    per command. Three runs: ``live``, subscribed through a shared filter like the gateway's
+    while the generator publishes (so it can be no faster than the generator); then
+    ``drain`` (gmqtt) and ``drain_codec`` (protocols.mqtt5), the messages queued at the broker
+    for the client's offline session first, then taken as fast as the client can, from
+    CONNECT to the last message. The limit (``mps``) is the fastest of the three.
     """
-    prefix = f"{settings.topic_prefix}raw"
+    assert gen.stdin is not None  # noqa: S101  (start_generator asks for PIPEs)
+    assert gen.stdout is not None  # noqa: S101
+    gen_in, gen_out = gen.stdin, gen.stdout
+    prefix = f"{topic_prefix}raw"
     topics = Topics(prefix)
     runs: dict[str, dict[str, Any]] = {}
     for mode, client, topic_filter in (
@@ -526,8 +527,8 @@ async def _raw_limit(
                     "mode": mode,
                     "client": client,
                     "filter": topic_filter,
-                    "expected": settings.messages,
-                    "stall_s": settings.stall_s,
+                    "expected": expected,
+                    "stall_s": stall_s,
                 }
             ),
             stdin=asyncio.subprocess.PIPE,
@@ -541,7 +542,7 @@ async def _raw_limit(
             sent = await _read_marked(gen_out, DONE_MARK)
             await _send(receiver.stdin, {"go": True})
             got = await asyncio.wait_for(
-                _read_marked(receiver.stdout, RESULT_MARK), timeout=settings.settle_timeout_s + 60
+                _read_marked(receiver.stdout, RESULT_MARK), timeout=timeout_s
             )
         finally:
             await _finish(receiver)
@@ -563,7 +564,12 @@ async def _raw_limit(
     }
 
 
-async def _copy_limit(dsn: str, plan: Plan, batch_rows: int) -> dict[str, Any]:
+async def copy_limit(dsn: str, plan: Plan, batch_rows: int) -> dict[str, Any]:
+    """Time a bare ``COPY`` of ``plan``'s rows into the telemetry tables (``copy`` child).
+
+    Through a scratch partition (or table), dropped afterwards, one transaction per
+    ``batch_rows`` rows; ``rows_s`` is the limit.
+    """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -580,6 +586,126 @@ async def _copy_limit(dsn: str, plan: Plan, batch_rows: int) -> dict[str, Any]:
     finally:
         await _finish(process)
     return result
+
+
+NO_LIMITS: Final[dict[str, Any]] = {"mqtt_raw_ingest_mps": None, "pg_copy_rows_s": None}
+
+
+async def start_generator(
+    stack: contextlib.AsyncExitStack,
+    broker_url: str,
+    secret: bytes,
+    plan: Plan,
+    *,
+    publishers: int,
+    window: int,
+    rate: float | None,
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """Start a generator child (``_gen_main``) for ``plan``; return it once it is ready.
+
+    It has encoded every frame and connected its publishers; each command on its stdin
+    publishes the plan once. What it said when ready (``encode_s``, ``rows``,
+    ``payload_bytes_mean``) comes back with it. ``stack`` stops it if `stop_generator` does not.
+    """
+    gen = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.bench_telemetry",
+        "gen",
+        json.dumps(
+            {
+                "broker": broker_url,
+                "secret": secret.hex(),
+                "plan": asdict(plan),
+                "publishers": publishers,
+                "window": window,
+                "rate": rate,
+            }
+        ),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stack.push_async_callback(stop_process, gen)
+    assert gen.stdout is not None  # noqa: S101  (PIPE was asked for)
+    encoded = await asyncio.wait_for(_read_marked(gen.stdout, READY_MARK), timeout=600)
+    return gen, encoded
+
+
+async def stop_generator(gen: asyncio.subprocess.Process) -> None:
+    """Close the generator's input: it disconnects its publishers and exits."""
+    assert gen.stdin is not None  # noqa: S101  (start_generator asks for PIPEs)
+    gen.stdin.close()
+    await _finish(gen)
+
+
+async def generator_limits(
+    gen: asyncio.subprocess.Process,
+    broker_url: str,
+    dsn: str,
+    plan: Plan,
+    *,
+    topic_prefix: str,
+    batch_rows: int,
+    stall_s: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Measure both limits for ``plan``'s messages with a ready generator (`start_generator`).
+
+    ``mqtt_raw_ingest_mps`` (`raw_limit`) and ``pg_copy_rows_s`` (`copy_limit`), with their
+    details under ``mqtt_raw`` and ``pg_copy``. Meant for a quiet host: the gateway idle or
+    stopped.
+    """
+    raw = await raw_limit(
+        broker_url,
+        gen,
+        expected=plan.messages,
+        topic_prefix=topic_prefix,
+        stall_s=stall_s,
+        timeout_s=timeout_s,
+    )
+    copy = await copy_limit(dsn, plan, batch_rows)
+    return {
+        "mqtt_raw_ingest_mps": raw["mps"],
+        "pg_copy_rows_s": copy["rows_s"],
+        "mqtt_raw": raw,
+        "pg_copy": copy,
+    }
+
+
+async def measure_limits(
+    broker_url: str,
+    dsn: str,
+    plan: Plan,
+    *,
+    secret: bytes,
+    topic_prefix: str = "vg",
+    publishers: int = 4,
+    window: int = 500,
+    batch_rows: int = 5000,
+    stall_s: float = 15.0,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """`generator_limits` with a generator of its own, publishing as fast as it can.
+
+    For other profiles (``vends``, ``mixed``): the same two limits as this profile's, for
+    ``plan``'s messages, against their broker and database.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        gen, _ = await start_generator(
+            stack, broker_url, secret, plan, publishers=publishers, window=window, rate=None
+        )
+        limits = await generator_limits(
+            gen,
+            broker_url,
+            dsn,
+            plan,
+            topic_prefix=topic_prefix,
+            batch_rows=batch_rows,
+            stall_s=stall_s,
+            timeout_s=timeout_s,
+        )
+        await stop_generator(gen)
+    return limits
 
 
 async def _finish(process: asyncio.subprocess.Process) -> None:

@@ -454,6 +454,10 @@ def _register_migrate(commands: Subcommands) -> None:
 # bench
 
 
+# Telemetry frames/s the fleet publishes in the mixed profile unless --telemetry-rate says.
+MIXED_TELEMETRY_RATE: Final = 1000.0
+
+
 def _bench(args: argparse.Namespace, config: Config) -> int:
     if args.profile == "telemetry":
         return _bench_telemetry(args, config)
@@ -463,6 +467,9 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
 
     from gateway import bench  # noqa: PLC0415  (only this command needs it)
 
+    telemetry_rate = args.telemetry_rate
+    if telemetry_rate is None:
+        telemetry_rate = MIXED_TELEMETRY_RATE if args.profile == "mixed" else 0.0
     settings = bench.BenchSettings(
         machines=50 if args.machines is None else args.machines,
         vends=args.vends,
@@ -472,6 +479,9 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
         deadline_s=args.deadline_s,
         gateways=args.gateways,
         limits=args.limits,
+        profile=args.profile,
+        telemetry_rate=telemetry_rate,
+        telemetry_readings=args.readings,
         broker=config.mqtt.url,
         dsn=config.database.dsn,
         workdir=args.workdir,
@@ -487,6 +497,8 @@ def _bench(args: argparse.Namespace, config: Config) -> int:
         print(f"wrote {args.json} and {report}")
     ok = bench.passed(result)
     print("exactly-once: PASS" if ok else "exactly-once: FAIL")
+    for problem in bench.telemetry_problems(result.get("telemetry") or {}):
+        print(f"{problem}: FAIL")
     # No fault is injected here, so every vend must end with an outcome: an unknown vend
     # means the gateway or the fleet stalled (a run once passed with all 4,000 unknown).
     unknown = int(result.get("vends_unknown") or 0)
@@ -573,12 +585,15 @@ def _bench_storm(args: argparse.Namespace) -> int:
 def _register_bench(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "bench",
-        help="end-to-end benchmarks (vends, telemetry) with an exactly-once check",
+        help="end-to-end benchmarks (vends, telemetry, mixed) with an exactly-once check",
         description="Run the gateway and its load as separate processes (embedded Mosquitto "
         "and PostgreSQL unless mqtt.url / database.dsn are set). Profile vends: a simulated "
         "fleet and a payment load generator, then check the dispense log against the "
         "database and the webhooks; exits 1 on any duplicate, lost vend or conflict; then the "
-        "same load against a bare aiohttp handler, for the HTTP limit. "
+        "same load against a bare aiohttp handler, for the HTTP limit, and the MQTT and COPY "
+        "limits for telemetry like the fleet's. Profile mixed: vends, while the fleet also "
+        "publishes Telemetry frames at --telemetry-rate; every frame must be stored once "
+        "(exits 1 otherwise). "
         "Profile telemetry: a generator publishing Telemetry frames for registered machines, "
         "then check every row is stored once, and measure the MQTT and COPY limits in the "
         "same run; exits 1 on any lost, duplicated or altered row. Profile storm: restart "
@@ -587,14 +602,17 @@ def _register_bench(commands: Subcommands) -> None:
         "stays within its limit.",
     )
     parser.add_argument(
-        "--profile", choices=("vends", "telemetry", "storm"), default="vends", help="what to run"
+        "--profile",
+        choices=("vends", "mixed", "telemetry", "storm"),
+        default="vends",
+        help="what to run",
     )
     parser.add_argument(
         "--machines",
         type=int,
         default=None,
         metavar="N",
-        help="machines (default 50 for vends, 1000 for telemetry, 10000 for storm)",
+        help="machines (default 50 for vends and mixed, 1000 for telemetry, 10000 for storm)",
     )
     parser.add_argument(
         "--rate",
@@ -615,8 +633,8 @@ def _register_bench(commands: Subcommands) -> None:
         "--no-limits",
         dest="limits",
         action="store_false",
-        help="skip measuring the limits (telemetry: MQTT and COPY; vends: a bare aiohttp "
-        "handler under the same load)",
+        help="skip measuring the limits (vends and mixed: a bare aiohttp handler under the same "
+        "load, MQTT and COPY; telemetry: MQTT and COPY)",
     )
     vends = parser.add_argument_group("vends profile")
     vends.add_argument("--vends", type=int, default=500, metavar="V")
@@ -629,6 +647,14 @@ def _register_bench(commands: Subcommands) -> None:
         default=1,
         metavar="N",
         help="gateway processes sharing the broker and database; requests round robin",
+    )
+    vends.add_argument(
+        "--telemetry-rate",
+        type=_non_negative,
+        default=None,
+        metavar="MSGS_PER_S",
+        help="Telemetry frames/s the fleet publishes in all, open loop, while the vends run "
+        f"(default {MIXED_TELEMETRY_RATE:g} for mixed, 0 for vends)",
     )
     storm = parser.add_argument_group("storm profile")
     storm.add_argument(
@@ -643,7 +669,11 @@ def _register_bench(commands: Subcommands) -> None:
         "--messages", type=_int_at_least(1), default=20_000, metavar="N", help="frames to send"
     )
     telemetry.add_argument(
-        "--readings", type=_int_at_least(1), default=4, metavar="K", help="readings per frame"
+        "--readings",
+        type=_int_at_least(1),
+        default=4,
+        metavar="K",
+        help="readings per frame (telemetry, and the fleet's frames in mixed)",
     )
     telemetry.add_argument(
         "--publishers",

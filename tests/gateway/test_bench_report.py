@@ -1,4 +1,4 @@
-"""The pure parts of `vendgate bench` (profile vends): ratios, CPU findings, the report."""
+"""The pure parts of `vendgate bench` (profiles vends and mixed): ratios, findings, report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,48 @@ import pytest
 
 from gateway import bench
 from gateway.cli import build_parser
+
+
+def _telemetry(**changes: Any) -> dict[str, Any]:
+    """Return a result's ``telemetry`` as `bench.telemetry_result` builds it: none sent."""
+    telemetry: dict[str, Any] = {
+        "msgs": 0,
+        "rows": 0,
+        "mps": 0.0,
+        "rows_s": 0.0,
+        "window_s": 0.0,
+        "rate": 0.0,
+        "readings_per_frame": 4,
+        "events": 0,
+        "published": 0,
+        "unsent": 0,
+        "fleet_publish_mps": None,
+        "lost": 0,
+        "duplicated": 0,
+        "unexpected": 0,
+        "durable_in_time": True,
+    }
+    telemetry.update(changes)
+    return telemetry
+
+
+def _mixed(**changes: Any) -> dict[str, Any]:
+    """Return a mixed-profile result: open loop at 200 vends/s, 1,000 frames/s of telemetry."""
+    telemetry = _telemetry(
+        msgs=10000,
+        rows=40000,
+        mps=1000.0,
+        rows_s=4000.0,
+        window_s=10.0,
+        rate=1000.0,
+        published=10000,
+        fleet_publish_mps=999.9,
+    )
+    result = _result(profile="mixed", telemetry=telemetry)
+    result["settings"] = {**result["settings"], "rate": 200.0, "telemetry_rate": 1000.0}
+    result["ratios"] = bench.ratios(result["throughput_vps"], result["limits"], telemetry)
+    result.update(changes)
+    return result
 
 
 def _result(**changes: Any) -> dict[str, Any]:
@@ -92,8 +134,30 @@ def _result(**changes: Any) -> dict[str, Any]:
                 "loadgen_cpu_s": 0.19,
                 "loadgen_cores": 0.95,
             },
+            "mqtt_raw_ingest_mps": 200000.0,
+            "pg_copy_rows_s": 150000.0,
+            "mqtt_raw": {
+                "mps": 200000.0,
+                "receive_maximum": 1000,
+                "live": {"mps": 12000.0, "received": 10000},
+                "drain": {"mps": 25000.0, "received": 10000},
+                "drain_codec": {"mps": 200000.0, "received": 10000},
+            },
+            "pg_copy": {
+                "rows_s": 150000.0,
+                "rows": 40000,
+                "batch_rows": 5000,
+                "into": "scratch partition",
+            },
         },
-        "ratios": {"vps_over_http_rps": 0.08},
+        "telemetry": _telemetry(),
+        "telemetry_lost": 0,
+        "telemetry_duplicated": 0,
+        "ratios": {
+            "vps_over_http_rps": 0.08,
+            "telemetry_mps_over_mqtt_raw_ingest_mps": None,
+            "telemetry_rows_s_over_pg_copy_rows_s": None,
+        },
         "target_us_per_vend": 250,
         "meets_target": False,
         "passed": True,
@@ -103,10 +167,40 @@ def _result(**changes: Any) -> dict[str, Any]:
     return result
 
 
+NO_TELEMETRY_RATIOS = {
+    "telemetry_mps_over_mqtt_raw_ingest_mps": None,
+    "telemetry_rows_s_over_pg_copy_rows_s": None,
+}
+
+
 def test_ratio_over_the_http_limit() -> None:
     """Throughput over the bare handler's rate, rounded to three places."""
-    assert bench.ratios(400.0, {"http_rps": 5000.0}) == {"vps_over_http_rps": 0.08}
-    assert bench.ratios(266.4, {"http_rps": 3000.0}) == {"vps_over_http_rps": 0.089}
+    assert bench.ratios(400.0, {"http_rps": 5000.0}) == {
+        "vps_over_http_rps": 0.08,
+        **NO_TELEMETRY_RATIOS,
+    }
+    assert bench.ratios(266.4, {"http_rps": 3000.0})["vps_over_http_rps"] == 0.089
+
+
+def test_telemetry_ratios_over_the_mqtt_and_copy_limits() -> None:
+    """Durable msg/s over the raw MQTT ingest, rows/s over the bare COPY, three places."""
+    limits = {"http_rps": 5000.0, "mqtt_raw_ingest_mps": 200000.0, "pg_copy_rows_s": 150000.0}
+    telemetry = {"msgs": 10000, "mps": 1000.0, "rows_s": 4000.0}
+    assert bench.ratios(400.0, limits, telemetry) == {
+        "vps_over_http_rps": 0.08,
+        "telemetry_mps_over_mqtt_raw_ingest_mps": 0.005,
+        "telemetry_rows_s_over_pg_copy_rows_s": 0.027,
+    }
+    # No telemetry in the run (the vends profile): the limits are there, the ratios are not.
+    assert bench.ratios(400.0, limits, _telemetry()) == {
+        "vps_over_http_rps": 0.08,
+        **NO_TELEMETRY_RATIOS,
+    }
+    # Telemetry, but the limits skipped (--no-limits): no ratio either.
+    assert bench.ratios(400.0, dict(bench.NO_LIMITS), telemetry) == {
+        "vps_over_http_rps": None,
+        **NO_TELEMETRY_RATIOS,
+    }
 
 
 @pytest.mark.parametrize(
@@ -120,7 +214,7 @@ def test_ratio_over_the_http_limit() -> None:
 )
 def test_ratio_is_none_without_a_limit(throughput: float | None, limits: dict[str, Any]) -> None:
     """A missing, skipped or zero limit gives no ratio, and no error."""
-    assert bench.ratios(throughput, limits) == {"vps_over_http_rps": None}
+    assert bench.ratios(throughput, limits) == {"vps_over_http_rps": None, **NO_TELEMETRY_RATIOS}
 
 
 def test_markdown_reports_the_run_the_verdict_the_limit_and_the_cpu() -> None:
@@ -160,8 +254,8 @@ def test_markdown_of_a_single_gateway_in_open_loop_without_limits() -> None:
         gateway_cpu_s_each=[1.5],
         gateway_rss_mb_each=[53.5],
         gateway_rss_mb=53.5,
-        limits={"http_rps": None},
-        ratios=bench.ratios(400.0, {"http_rps": None}),
+        limits=dict(bench.NO_LIMITS),
+        ratios=bench.ratios(400.0, dict(bench.NO_LIMITS)),
     )
     result["settings"] = {**result["settings"], "rate": 200.0, "gateways": 1}
     result["cpu_cores_busy"] = {**result["cpu_cores_busy"], "gateway_each": [0.6]}
@@ -257,8 +351,13 @@ def test_summary_adds_the_processes_and_the_limit() -> None:
     assert "gateways 2 (CPU 1.5 s, each [0.9, 0.6] s" in text
     assert "fleet CPU 0.25 s (0.10 core)" in text
     assert "limit: bare aiohttp 5000.0 requests/s; vends/s over it 0.08" in text
+    assert "telemetry: 0 msgs, 0 rows durable, 0.0 msg/s" in text
+    assert (
+        "limits: MQTT raw ingest 200000.0 msg/s, PostgreSQL COPY 150000.0 rows/s; "
+        "no telemetry in this run to compare"
+    ) in text
     old = copy.deepcopy(result)
-    for key in ("gateways", "cpu_cores_busy", "limits", "ratios"):
+    for key in ("gateways", "cpu_cores_busy", "limits", "ratios", "telemetry"):
         old.pop(key)
     assert len(bench.summary(old).splitlines()) == 4  # a result from before these keys
 
@@ -270,8 +369,13 @@ def test_bench_arguments_for_gateways_and_limits() -> None:
     assert (args.profile, args.gateways, args.limits) == ("vends", 3, False)
     defaults = parser.parse_args(["bench"])
     assert (defaults.gateways, defaults.limits) == (1, True)
+    assert defaults.telemetry_rate is None  # the profile decides: 0 for vends, 1000 for mixed
     telemetry = parser.parse_args(["bench", "--profile", "telemetry", "--no-limits"])
     assert telemetry.limits is False
+    mixed = parser.parse_args(["bench", "--profile", "mixed", "--telemetry-rate", "50"])
+    assert (mixed.profile, mixed.telemetry_rate, mixed.readings) == ("mixed", 50.0, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--telemetry-rate", "-1"])
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--gateways", "0"])
 
@@ -299,3 +403,118 @@ def test_a_busy_host_is_said_to_slow_the_processes() -> None:
     assert any(line.startswith("The host was busy, 1.60 of 2 cores") for line in findings)
     assert any("slowed each other down" in line for line in findings)
     assert not any(line.startswith("No process was CPU-bound") for line in findings)
+
+
+def test_markdown_of_a_mixed_run_shows_the_telemetry_its_check_and_its_limits() -> None:
+    """Profile mixed: the telemetry sent, durable and checked, and its two limits with ratios."""
+    text = bench.markdown(_mixed())
+    assert text.startswith("# vendgate mixed benchmark (vends and telemetry)\n")
+    assert "Exactly-once: **PASS**" in text
+    assert (
+        "- The fleet also published `Telemetry` frames (QoS 1, 4 readings each), open loop at "
+        "1000 frames/s in total"
+    ) in text
+    assert "10000 published, at 999.9 frames/s" in text
+    assert "| telemetry durable: messages / rows | 10000 / 40000 |" in text
+    assert (
+        "| telemetry rate, start to last durable frame (10.0 s) | 1000.0 msg/s, 4000.0 rows/s |"
+    ) in text
+    assert (
+        "Telemetry: published 10000, durable 10000 frames (40000 rows); lost 0, duplicated 0"
+        in (text)
+    )
+    assert "MQTT raw ingest: one bare client receiving 10000 `Telemetry` frames" in text
+    assert "(12000.0 msg/s), gmqtt taking them queued (25000.0 msg/s)" in text
+    assert "| 200000.0 msg/s | 0.005 |" in text
+    assert "40000 rows into the telemetry tables, scratch partition, 5000 rows per" in text
+    assert "| 150000.0 rows/s | 0.027 |" in text
+    assert "paced at 1000 frames/s (open loop)" in text
+    assert "no telemetry in this run" not in text
+
+
+def test_markdown_of_a_vend_run_has_the_telemetry_limits_without_ratios() -> None:
+    """Profile vends: no telemetry sent, zeros shown, the limits measured and no ratio."""
+    text = bench.markdown(_result())
+    assert "- No telemetry was published (`--telemetry-rate 0`)." in text
+    assert "| telemetry durable: messages / rows | 0 / 0 |" in text
+    assert "| 200000.0 msg/s | none: no telemetry in this run |" in text
+    assert "| 150000.0 rows/s | none: no telemetry in this run |" in text
+    assert "paced at" not in text
+
+
+def test_telemetry_lost_or_duplicated_fails_the_run() -> None:
+    """A frame lost or stored twice fails exactly-once like a vend duplicate; both named."""
+    assert bench.passed(_mixed())
+    for key, sentence in (
+        ("lost", "2 telemetry frames published by the fleet and not stored (whole)"),
+        ("duplicated", "2 telemetry frames stored more than once"),
+    ):
+        telemetry = {**_mixed()["telemetry"], key: 2}
+        result = _mixed(telemetry=telemetry, **{f"telemetry_{key}": 2})
+        assert not bench.passed(result)
+        assert bench.telemetry_problems(telemetry) == [sentence]
+        assert "Exactly-once: **FAIL**" in bench.markdown(result)
+    unexpected = {**_mixed()["telemetry"], "unexpected": 1}
+    assert not bench.passed(_mixed(telemetry=unexpected))
+    late = _telemetry(msgs=90, published=100, durable_in_time=False)
+    assert bench.telemetry_problems(late) == [
+        "only 90 of 100 telemetry frames published became durable"
+    ]
+    # A result from before the telemetry keys still passes on its vend counts.
+    old = _result()
+    for key in ("telemetry", "telemetry_lost", "telemetry_duplicated"):
+        old.pop(key)
+    assert bench.passed(old)
+
+
+def test_telemetry_result_from_the_counts() -> None:
+    """Rates over the window; lost = missing + incomplete; duplicated = copied + rows twice."""
+    counts = {
+        "msgs": 1000,
+        "readings": 4000,
+        "events": 2,
+        "window_s": 2.5,
+        "published": 1003,
+        "missing": 2,
+        "incomplete": 1,
+        "copied": 1,
+        "rows_twice": 3,
+        "unexpected": 0,
+    }
+    fleet = {"published": 1003, "sent": [500, 504], "unsent": [[1, 7]], "publish_mps": 401.2}
+    t = bench.telemetry_result(counts, fleet, rate=400.0, readings=4, durable_in_time=False)
+    assert (t["msgs"], t["rows"], t["mps"], t["rows_s"]) == (1000, 4002, 400.0, 1600.8)
+    assert (t["lost"], t["duplicated"], t["unexpected"]) == (3, 4, 0)
+    assert (t["published"], t["unsent"], t["fleet_publish_mps"]) == (1003, 1, 401.2)
+    assert t["durable_in_time"] is False
+    # No telemetry at all: zeros, and a rate of 0.0 rather than a division by zero.
+    none = {"msgs": 0, "readings": 0, "events": 0, "window_s": None}
+    t = bench.telemetry_result(none, {}, rate=0.0, readings=4, durable_in_time=True)
+    assert (t["msgs"], t["rows"], t["mps"], t["rows_s"], t["lost"]) == (0, 0, 0.0, 0.0, 0)
+
+
+def test_expected_frames_are_every_number_built_less_the_unsent() -> None:
+    """Machine m built frames 1..sent[m]; the unsent ones are not expected in the database."""
+    machines, numbers = bench.expected_frames(["a", "b", "c"], [2, 3, 0], [(1, 2)])
+    assert list(zip(machines, numbers, strict=True)) == [("a", 1), ("a", 2), ("b", 1), ("b", 3)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 10])
+def test_the_fleet_numbers_each_frame_in_reading_0(count: int) -> None:
+    """Reading 0's value is the frame's number; the others are plausible and in range."""
+    for number in (1, 2, 77, 100_000):
+        readings = bench.telemetry_readings(number, count, slots=10)
+        assert len(readings) == count
+        assert readings[0].value == number
+        assert all(r.slot is None or 1 <= r.slot <= 10 for r in readings)
+        assert all(r.check() is None for r in readings)
+
+
+def test_summary_of_a_mixed_run_adds_telemetry_and_its_limits() -> None:
+    """The summary says what telemetry was stored and how it compares with its limits."""
+    text = bench.summary(_mixed())
+    assert (
+        "telemetry: 10000 msgs, 40000 rows durable, 1000.0 msg/s (published 10000 at 1000/s); "
+        "lost 0, duplicated 0"
+    ) in text
+    assert "PostgreSQL COPY 150000.0 rows/s; telemetry over them 0.005 and 0.027" in text
