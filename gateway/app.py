@@ -14,6 +14,7 @@ import fcntl
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from gateway.mqtt import MqttLink, MqttSettings
 from gateway.sessions import PresenceService, SessionMetrics
 from gateway.store import db, slots
 from gateway.store.db import Conn
-from gateway.store.dispenses import record_dispense
+from gateway.store.dispenses import DispenseRecord, record_dispenses
 from gateway.store.partitions import PartitionKeeper
 from gateway.store.vends import VendRow
 from gateway.store.writer import GroupCommitter
@@ -399,38 +400,34 @@ class _Router:
 
 @dataclass(frozen=True, slots=True)
 class _ResultHook:
-    """Runs in the transaction that stores a machine's result: dispense record, slot health."""
+    """Runs in the transaction that stores machines' results: dispense records, slot health."""
 
     slot_failure_limit: int
     metrics: VendMetrics
 
-    async def run(self, conn: Conn, row: VendRow, dispense: Dispense, late: bool) -> None:
-        await record_dispense(
+    async def run(self, conn: Conn, results: Sequence[tuple[VendRow, Dispense, bool]]) -> None:
+        await record_dispenses(
             conn,
-            vend_id=row.vend_id,
-            machine_id=row.machine_id,
-            slot=row.slot,
-            dispense=dispense,
-            late=late,
+            [
+                DispenseRecord(row.vend_id, row.machine_id, row.slot, d, late)
+                for row, d, late in results
+            ],
         )
-        if late:
-            return  # the vend's own result was counted when it was settled
-        disabled = await slots.record_dispense(
-            conn,
-            row.machine_id,
-            row.slot,
-            dispense,
-            limit=self.slot_failure_limit,
-            vend_id=row.vend_id,
-        )
-        if disabled:
+        # A late result (the vend was settled before) was counted when it was settled.
+        counted = [
+            (row.machine_id, row.slot, d, row.vend_id) for row, d, late in results if not late
+        ]
+        if not counted:
+            return
+        disabled = await slots.record_dispenses(conn, counted, limit=self.slot_failure_limit)
+        for machine_id, slot, vend_id in disabled:
             self.metrics.slots_disabled.inc()
             log.warning(
                 "slot_disabled_after_failures",
-                machine_id=row.machine_id,
-                slot=row.slot,
+                machine_id=machine_id,
+                slot=slot,
                 limit=self.slot_failure_limit,
-                vend_id=row.vend_id,
+                vend_id=vend_id,
             )
 
 

@@ -83,7 +83,8 @@ from gateway.config import mqtt_address
 from gateway.lifecycle import FINAL, NOT_DISPENSED, VendStatus
 from gateway.logs import configure_logging
 from gateway.simulator import DispenseRecord, Fleet, FleetSettings, read_dispense_log
-from gateway.store import db, vends
+from gateway.store import db, outbox, vends
+from gateway.store.db import Conn
 from gateway.webhooks import WebhookRecorder
 from protocols.frames import Reading, ReadingKind
 
@@ -347,10 +348,26 @@ async def _start_gateways(
     return gateways
 
 
+async def _wait_told(conn: Conn, timeout_s: float) -> bool:
+    """Wait until every vend is settled and every webhook delivered; False if not in time.
+
+    A vend is done when the backend has been told: the CPU window runs to here, so the
+    gateway's CPU per vend includes the webhook deliveries.
+    """
+    deadline = time.monotonic() + timeout_s
+    if not await vends.wait_settled(conn, timeout_s):
+        return False
+    while await outbox.pending_count(conn):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
 async def _settle(pool: asyncpg.Pool, gateways: list[GatewayProcess], timeout_s: float) -> bool:
-    """Wait until every vend is settled (False: not in ``timeout_s``); fail if a gateway dies."""
+    """Wait for `_wait_told` (False: not in ``timeout_s``); fail if a gateway dies."""
     async with pool.acquire() as conn:
-        settle = asyncio.create_task(vends.wait_settled(conn, timeout_s), name="bench.settle")
+        settle = asyncio.create_task(_wait_told(conn, timeout_s), name="bench.settle")
         exits = [
             asyncio.create_task(g.process.wait(), name=f"bench.gateway_exit.{i}")
             for i, g in enumerate(gateways)
@@ -1402,12 +1419,16 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def passed(result: dict[str, Any]) -> bool:
-    """Return whether the exactly-once invariants held, for vends and for telemetry."""
+    """Return whether the exactly-once invariants held, for vends and for telemetry.
+
+    A vend's outcome counts only once the backend was told: a missing webhook fails too.
+    """
     telemetry = result.get("telemetry") or {}
     return bool(
         result["duplicates"] == 0
         and result["lost"] == 0
         and result["conflicts"] == 0
+        and result["webhooks_missing"] == 0
         and not result.get("telemetry_lost")
         and not result.get("telemetry_duplicated")
         and not telemetry.get("unexpected")

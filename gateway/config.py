@@ -391,7 +391,10 @@ class WebhookConfig(_Section):
     timeout_s: float = field(default=5.0, metadata=_meta(check=_between(0.1, 300)))
     retry_base_s: float = field(default=1.0, metadata=_meta(check=_positive))
     retry_cap_s: float = field(default=300.0, metadata=_meta(check=_positive))
-    concurrency: int = field(default=8, metadata=_meta(check=_between(1, 1024)))
+    # Deliveries in flight at once. Each claim takes up to half of them in one statement: at 8
+    # the claims, marks and their round trips cost about a fifth more gateway CPU per vend
+    # than at 32 (measured, 1,000 machines, 8,000 vends: 1,315 / 1,317 against 947 / 1,191 µs).
+    concurrency: int = field(default=32, metadata=_meta(check=_between(1, 1024)))
     poll_interval_s: float = field(default=1.0, metadata=_meta(check=_between(0.01, 3600)))
 
 

@@ -31,7 +31,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -73,9 +73,10 @@ QUERY_BACKOFF_CAP_S = 60.0
 STEP_RETRY_S = 1.0  # a timer step that failed (database or broker down) runs again after this
 
 
-#: Runs in the transaction that stores a machine's result (``late``: the vend was settled
-#: before): the dispense record and slot health are written with the result or not at all.
-ResultHook = Callable[[Conn, VendRow, Dispense, bool], Awaitable[None]]
+#: Runs in the transaction that stores machines' results, (row, dispense, late) each (``late``:
+#: the vend was settled before): the dispense records and slot health are written with the
+#: results or not at all; one call for all the results of a commit.
+ResultHook = Callable[[Conn, Sequence[tuple[VendRow, Dispense, bool]]], Awaitable[None]]
 
 
 class Publisher(Protocol):
@@ -190,6 +191,15 @@ class Dispatcher:
         self._on_webhook = on_webhook
         self._reconcile_s = reconcile_s
         self._result_hook = on_result
+        # The hook as a batchable follow-up of result moves: one call per commit's results.
+        self._results: Batchable[tuple[Dispense, VendRow], None] | None = None
+        if on_result is not None:
+
+            async def results(conn: Conn, pairs: list[tuple[Dispense, VendRow]]) -> list[None]:
+                await on_result(conn, [(row, dispense, False) for dispense, row in pairs])
+                return [None] * len(pairs)
+
+            self._results = Batchable("vend_results", results)
         self._vends: dict[str, Tracked] = {}
         self._settled: dict[str, float] = {}  # vend id -> when this gateway saw it settle
         self._by_wire: dict[int, str] = {}
@@ -464,17 +474,10 @@ class Dispatcher:
     ) -> VendRow | None:
         """Commit ``event``; on success update memory and return the row, else None."""
         record = None if dispense is None else _dispense_json(dispense)
-        then = None
-        if dispense is not None and self._result_hook is not None:
-            hook = self._result_hook
-
-            async def then(conn: Conn, row: VendRow | None) -> None:
-                if row is not None:  # always: the writer runs it only for a result
-                    await hook(conn, row, dispense, False)  # noqa: FBT003
-
+        after = None if dispense is None or self._results is None else (self._results, dispense)
         move = vends.Move(t.vend_id, event, detail, record, attempts, actor, self._origin)
         # Batched with other vends' moves: one statement for all of a commit's state changes.
-        row = await self._writer.submit_batchable(_MOVES, t.vend_id, move, then=then)
+        row = await self._writer.submit_batchable(_MOVES, t.vend_id, move, after=after)
         if row is None:
             await self._refresh(t)
             return None
@@ -537,9 +540,14 @@ class Dispatcher:
                 t.running.add(timer.kind)
                 self._spawn(self._on_timer(timer.kind, t), f"gateway.timer.{timer.kind}")
             self._wake.clear()
-            delay = self._timers[0].due - now if self._timers else 3600.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
+            # Woken by the earliest timer or by _push (an earlier one): a plain timer
+            # handle, as wait_for costs a task and a timeout per wake-up.
+            due = self._timers[0].due if self._timers else now + 3600.0
+            alarm = loop.call_at(due, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                alarm.cancel()
 
     async def _on_timer(self, kind: str, t: Tracked) -> None:
         try:
@@ -697,7 +705,7 @@ class Dispatcher:
         async def op(conn: Conn) -> None:
             await vends.record_late_result(conn, row.vend_id, received, conflict=conflict)
             if self._result_hook is not None:
-                await self._result_hook(conn, row, dispense, True)  # noqa: FBT003
+                await self._result_hook(conn, [(row, dispense, True)])
 
         await self._writer.submit(op)
         if conflict:

@@ -465,6 +465,15 @@ class _Connection(asyncio.Protocol):
         self._released.set()
 
 
+class _PubAckTimeoutError(Exception):
+    """No PUBACK before the publish's deadline."""
+
+
+def _expire(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_exception(_PubAckTimeoutError())
+
+
 class _SubscriptionRefusedError(Exception):
     def __init__(self, refused: list[tuple[str, int]]) -> None:
         super().__init__(refused)
@@ -622,9 +631,12 @@ class MqttLink:
         # message_expiry_s, MQTT 5 §3.3.2.3.3: the broker drops the message once this many
         # seconds have passed without delivering it (SPEC §3.5: a Vend's time left to its
         # deadline).
-        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.publish_timeout_s
         while True:
-            conn = await self._connection(deadline)
+            conn = self._conn
+            if conn is None or self._failure is not None or not conn.usable():
+                conn = await self._connection(deadline)
             try:
                 acked = conn.publish(
                     topic, payload, qos, retain=retain, message_expiry_s=message_expiry_s
@@ -632,15 +644,28 @@ class MqttLink:
             except OverflowError:
                 await self._before(deadline, conn.wait_released(), "free packet id")
                 continue
+            if acked is None:
+                self._counts["published"] += 1
+                return
+            # A timer that fails the PUBACK's future rather than a timeout scope around the
+            # wait: paid on every publish, and a scope does more (reschedules, uncancels).
+            timer = loop.call_at(deadline, _expire, acked)
             try:
-                if acked is None or await self._before(deadline, acked, "PUBACK"):
+                if await acked:
                     self._counts["published"] += 1
                     return
+            except _PubAckTimeoutError:
+                raise BrokerUnavailableError(
+                    f"no PUBACK from {self.settings.host}:{self.settings.port} "
+                    f"within {self.settings.publish_timeout_s} s"
+                ) from None
             except _PublishRefusedError as exc:
                 raise BrokerUnavailableError(
                     f"{self.settings.host}:{self.settings.port} refused a message to "
                     f"{topic!r} (PUBACK reason {mqtt5.reason_name(exc.code)})"
                 ) from None
+            finally:
+                timer.cancel()
             # The connection ended before the PUBACK: send it again on the next one.
 
     # --- receiving ---

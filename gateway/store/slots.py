@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -59,6 +60,7 @@ __all__ = [
     "get",
     "recent_audit",
     "record_dispense",
+    "record_dispenses",
     "record_result",
 ]
 
@@ -240,6 +242,41 @@ async def record_dispense(
         limit=limit,
         vend_id=vend_id,
     )
+
+
+def _effect(dispense: Dispense) -> SlotEffect:
+    return effect_of(failed=dispense.outcome is not Outcome.DISPENSED, reason=dispense.reason)
+
+
+_RESET_MANY: Final = """
+UPDATE machine_slots s SET consecutive_failures = 0
+FROM unnest($1::text[], $2::int[]) AS u (machine_id, slot)
+WHERE s.machine_id = u.machine_id AND s.slot = u.slot AND s.consecutive_failures <> 0
+"""
+
+
+async def record_dispenses(
+    conn: Conn, results: Sequence[tuple[str, int, Dispense, str | None]], *, limit: int
+) -> list[tuple[str, int, str | None]]:
+    """`record_dispense` for many results, (machine, slot, dispense, vend id) each.
+
+    The resets of good dispenses share one statement; failures are counted one by one (they
+    are rare, and the one that disables a slot writes its audit row). Results for the same
+    slot keep their order: with a slot listed twice, everything goes one by one. Returns
+    the slots this call disabled, (machine, slot, vend id) each.
+    """
+    disabled: list[tuple[str, int, str | None]] = []
+    keys = {(machine_id, slot) for machine_id, slot, _, _ in results}
+    one_by_one = list(results)
+    if len(keys) == len(results):
+        resets = [r for r in results if _effect(r[2]) is SlotEffect.RESET]
+        if resets:
+            await conn.execute(_RESET_MANY, [r[0] for r in resets], [r[1] for r in resets])
+        one_by_one = [r for r in results if _effect(r[2]) is SlotEffect.COUNT]
+    for machine_id, slot, dispense, vend_id in one_by_one:
+        if await record_dispense(conn, machine_id, slot, dispense, limit=limit, vend_id=vend_id):
+            disabled.append((machine_id, slot, vend_id))
+    return disabled
 
 
 # --- operators -----------------------------------------------------------------------------------

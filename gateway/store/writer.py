@@ -12,7 +12,10 @@ many vends) are, in one set-based statement per kind and batch: every statement 
 trip, and on this machine a round trip's write costs more CPU than the statement (measured:
 a fifth of the gateway's CPU per vend was asyncpg's socket writes). They carry a key (the
 vend id); operations with the same key keep their order, and a plain operation is a barrier
-that everything queued before it runs ahead of.
+that everything queued before it runs ahead of. What must follow an operation in its
+transaction when it succeeds (a vend result's dispense record) is batchable too: ``after``
+names a `Batchable` that gets the pairs (argument, result) of every such operation of the
+segment in one call.
 
 If any operation in a batch raises, the batch is rolled back and its operations are
 retried one per transaction, so one bad operation fails alone. If the database is
@@ -37,6 +40,7 @@ from gateway.store.db import Conn
 
 T = TypeVar("T")
 A = TypeVar("A")
+B = TypeVar("B")
 Op = Callable[[Conn], Awaitable[T]]
 
 
@@ -81,11 +85,12 @@ class _Item(Generic[T]):
     future: asyncio.Future[T]
     queued_at: float = field(default_factory=time.monotonic)
     # A batchable operation instead of `op`: its kind, key, argument, and what to run after
-    # it in the same transaction when its result is not None.
+    # it in the same transaction when its result is not None: a kind taking (its argument,
+    # the result), and that argument.
     kind: Batchable[Any, T] | None = None
     key: str = ""
     arg: Any = None
-    then: Callable[[Conn, T], Awaitable[None]] | None = None
+    after: tuple[Batchable[tuple[Any, T], Any], Any] | None = None
 
 
 @dataclass(slots=True)
@@ -132,15 +137,16 @@ class GroupCommitter:
         key: str,
         arg: A,
         *,
-        then: Callable[[Conn, T], Awaitable[None]] | None = None,
+        after: tuple[Batchable[tuple[B, Any], Any], B] | None = None,
     ) -> T:
         """Queue one ``kind`` operation on ``arg``; return its result once committed.
 
-        ``then(conn, result)`` runs after it, in the same transaction, unless the result is
-        None.
+        With ``after=(then, b)``, ``then.run_many`` gets ``(b, result)`` in the same
+        transaction, unless the result is None: one call for all such operations of a
+        segment (one statement per kind, as for the operations themselves).
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        return await self._enqueue(_Item(None, future, kind=kind, key=key, arg=arg, then=then))
+        return await self._enqueue(_Item(None, future, kind=kind, key=key, arg=arg, after=after))
 
     async def _enqueue(self, item: _Item[T]) -> T:
         future = item.future
@@ -247,7 +253,7 @@ class GroupCommitter:
 async def _run_segment(
     conn: Conn, items: list[_Item[Any]], segment: list[int], results: list[Any]
 ) -> None:
-    """Run a segment's batchable items, one statement per kind; then their ``then``s."""
+    """Run a segment's batchable items, one statement per kind; then their ``after``s, likewise."""
     if not segment:
         return
     kinds: dict[Batchable[Any, Any], list[int]] = {}
@@ -259,10 +265,13 @@ async def _run_segment(
         outcomes = await kind.run_many(conn, [items[i].arg for i in indices])
         for index, outcome in zip(indices, outcomes, strict=True):
             results[index] = outcome
+    afters: dict[Batchable[Any, Any], list[tuple[Any, Any]]] = {}
     for index in segment:
-        then = items[index].then
-        if then is not None and results[index] is not None:
-            await then(conn, results[index])
+        after, result = items[index].after, results[index]
+        if after is not None and result is not None:
+            afters.setdefault(after[0], []).append((after[1], result))
+    for kind, pairs in afters.items():
+        await kind.run_many(conn, pairs)
     segment.clear()
 
 

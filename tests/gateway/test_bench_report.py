@@ -277,6 +277,12 @@ def test_markdown_of_a_failed_run_lists_the_problems() -> None:
     assert not bench.passed(result)
 
 
+def test_a_webhook_missing_fails_the_run() -> None:
+    """Every outcome must reach the backend: the run fails on one event never delivered."""
+    assert bench.passed(_result())
+    assert not bench.passed(_result(webhooks_missing=1))
+
+
 def test_markdown_keeps_to_what_was_measured() -> None:
     """A result without CPU figures says 'not measured' rather than failing."""
     result = _result(gateway_cpu_us_per_vend=None)

@@ -96,6 +96,48 @@ async def test_a_good_dispense_in_between_resets_the_count(env: Env) -> None:
     assert [await _result(env, 1, "NO_DROP") for _ in range(LIMIT)] == [False, False, True]
 
 
+def _record(outcome: Outcome, reason: FailReason) -> Dispense:
+    return Dispense(outcome=outcome, reason=reason, drop_detected=False, motor_ms=0, retries=0)
+
+
+async def test_many_results_reset_in_one_statement_and_count_in_order(env: Env) -> None:
+    """`record_dispenses`: what one result at a time would do, with a slot listed twice too."""
+    good, jam = _record(Outcome.DISPENSED, FailReason.NONE), _record(Outcome.FAILED, FailReason.JAM)
+    for slot in (1, 2, 4):
+        for _ in range(LIMIT - 1):
+            await _result(env, slot, "JAM")
+    disabled = await env.writer.submit(
+        lambda conn: slots.record_dispenses(
+            conn,
+            [
+                (MACHINE, 1, good, "order-a"),
+                (MACHINE, 2, jam, "order-b"),
+                (MACHINE, 3, good, "order-c"),  # no row yet: a healthy slot stays without one
+                (MACHINE, 5, _record(Outcome.FAILED, FailReason.SLOT_EMPTY), None),
+            ],
+            limit=LIMIT,
+        )
+    )
+    assert disabled == [(MACHINE, 2, "order-b")]
+    assert [await _slot(env, s) for s in (3, 5)] == [None, None]
+    one, two = await _slot(env, 1), await _slot(env, 2)
+    assert one is not None
+    assert two is not None
+    assert (one.enabled, one.consecutive_failures) == (True, 0)
+    assert (two.enabled, two.consecutive_failures) == (False, LIMIT)
+    # Slot 4 twice: a jam that would disable it, then a good dispense. In order, the jam
+    # disables it first (a set-based reset run ahead of the count would not).
+    disabled = await env.writer.submit(
+        lambda conn: slots.record_dispenses(
+            conn, [(MACHINE, 4, jam, "order-d"), (MACHINE, 4, good, "order-e")], limit=LIMIT
+        )
+    )
+    assert disabled == [(MACHINE, 4, "order-d")]
+    four = await _slot(env, 4)
+    assert four is not None
+    assert (four.enabled, four.consecutive_failures) == (False, 0)
+
+
 async def test_uncertain_power_loss_and_empty_slots_neither_count_nor_reset(env: Env) -> None:
     """A power loss (uncertain or failed) and an empty slot leave the count where it was."""
     await _dispense(env, 1, Outcome.FAILED, FailReason.JAM)

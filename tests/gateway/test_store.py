@@ -364,25 +364,52 @@ async def test_apply_many_does_what_apply_does_one_by_one(database: str) -> None
 async def test_batchable_ops_share_one_statement_and_keep_per_key_order(
     pool: asyncpg.Pool,
 ) -> None:
-    """Moves of many vends in one batch make one run_many call; a repeated key waits its turn."""
+    """Moves of many vends in one batch make one run_many call; a repeated key waits its turn.
+
+    Their ``after`` follow-ups run in one call per segment too, after the segment's moves,
+    with (argument, result) pairs, and not for an operation whose result is None.
+    """
     async with pool.acquire() as conn:
         for i in range(10):
             await vends.create(conn, _request(f"order-{i}"), DEADLINE)
     calls: list[int] = []
+    afters: list[list[tuple[str, str]]] = []
 
     async def many(conn: Conn, moves: list[vends.Move]) -> list[vends.VendRow | None]:
         calls.append(len(moves))
         return await vends.apply_many(conn, moves)
 
+    async def follow(conn: Conn, pairs: list[tuple[str, vends.VendRow]]) -> list[None]:
+        # In the same transaction: the move is visible, not yet committed.
+        states = [
+            await conn.fetchval("SELECT state FROM vends WHERE vend_id = $1", row.vend_id)
+            for _, row in pairs
+        ]
+        assert states == [row.state.value for _, row in pairs]
+        afters.append([(arg, row.vend_id) for arg, row in pairs])
+        return [None] * len(pairs)
+
     kind = Batchable("test_moves", many)
+    then = Batchable("test_after", follow)
     writer = GroupCommitter(pool, max_batch=64)
     sent = [
-        writer.submit_batchable(kind, f"order-{i}", vends.Move(f"order-{i}", VendEvent.PUBLISHED))
+        writer.submit_batchable(
+            kind,
+            f"order-{i}",
+            vends.Move(f"order-{i}", VendEvent.PUBLISHED),
+            after=(then, f"arg-{i}") if i % 2 else None,
+        )
         for i in range(10)
     ]
     # The same vend again, in the same batch: it must run after its first move.
-    again = writer.submit_batchable(kind, "order-0", vends.Move("order-0", VendEvent.ACK_ACCEPTED))
-    futures = [asyncio.ensure_future(c) for c in [*sent, again]]
+    again = writer.submit_batchable(
+        kind, "order-0", vends.Move("order-0", VendEvent.ACK_ACCEPTED), after=(then, "again")
+    )
+    # A move the state does not allow: no result, so no follow-up.
+    refused = writer.submit_batchable(
+        kind, "order-1", vends.Move("order-1", VendEvent.PUBLISHED), after=(then, "refused")
+    )
+    futures = [asyncio.ensure_future(c) for c in [*sent, again, refused]]
     await asyncio.sleep(0)  # all queued before the writer takes its first batch
     task = asyncio.create_task(writer.run(), name="test.writer")
     try:
@@ -391,11 +418,16 @@ async def test_batchable_ops_share_one_statement_and_keep_per_key_order(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert all(r is not None for r in rows)
-    assert rows[-1] is not None
-    assert rows[-1].state is VendStatus.ACKNOWLEDGED
+    assert all(r is not None for r in rows[:-1])
+    assert rows[-2] is not None
+    assert rows[-2].state is VendStatus.ACKNOWLEDGED
+    assert rows[-1] is None
     assert writer.stats.batches == 1
-    assert calls == [10, 1]
+    assert calls == [10, 2]
+    assert afters == [
+        [(f"arg-{i}", f"order-{i}") for i in range(1, 10, 2)],
+        [("again", "order-0")],
+    ]
 
 
 async def test_create_many_answers_as_create_does(pool: asyncpg.Pool) -> None:
