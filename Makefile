@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-mixed bench-telemetry bench-storm fuzz vectors clean mosquitto
+.PHONY: demo test lint format bench bench-mixed bench-scaling bench-telemetry bench-storm fuzz vectors clean mosquitto
 
 # The tests and the demo start private Mosquitto brokers; PostgreSQL comes from a wheel.
 mosquitto:
@@ -52,11 +52,26 @@ bench: $(STAMP) mosquitto
 	$(BIN)/vendgate bench --profile mixed --machines 50 --vends 2000 --rate 200 \
 		--telemetry-rate 1000 --json bench-results/mixed.json
 
-## bench-mixed: vends at 200/s for 30 s while the fleet publishes 1,000 Telemetry frames/s (~75 s)
+## bench-mixed: vends at 200/s for 30 s, 2 % jams and 2 % no-drops (refunds), while the fleet
+## publishes 1,000 Telemetry frames/s (~75 s)
 bench-mixed: $(STAMP) mosquitto
 	mkdir -p bench-results
 	$(BIN)/vendgate bench --profile mixed --machines 50 --vends 6000 --rate 200 \
-		--telemetry-rate 1000 --json bench-results/mixed-30s.json
+		--jam-rate 0.02 --no-drop-rate 0.02 --telemetry-rate 1000 \
+		--json bench-results/mixed-30s.json
+
+## bench-scaling: vends/s and CPU per vend at 1,000, 5,000 and 10,000 machines, and with 1
+## versus 2 gateway processes (closed loop, 8,000 vends each; ~8 min)
+bench-scaling: $(STAMP) mosquitto
+	mkdir -p bench-results
+	for m in 1000 5000 10000; do \
+		$(BIN)/vendgate bench --no-limits --machines $$m --vends 8000 \
+			--json bench-results/scaling-$$m-machines.json || exit 1; \
+	done
+	for g in 1 2; do \
+		$(BIN)/vendgate bench --no-limits --machines 1000 --vends 8000 --gateways $$g \
+			--json bench-results/scaling-$$g-gateways.json || exit 1; \
+	done
 
 ## bench-telemetry: Telemetry frames to durable rows, with the MQTT and COPY limits (< 2 min)
 bench-telemetry: $(STAMP) mosquitto

@@ -123,19 +123,26 @@ class Gateway:
                 applied = await db.migrate(conn)
             log.info("database_ready", migrations_applied=applied)
             secret = self._master_secret()
-            parts = await self._assemble(stack, pool, host, port, secret)
+            parts = await self._assemble(stack, pool, dsn, broker=(host, port), secret=secret)
             async with asyncio.TaskGroup() as tasks:
                 await self._serve(parts, tasks, stop, host, port, dsn, secret)
             log.info("gateway_stopped")
 
     async def _assemble(
-        self, stack: AsyncExitStack, pool: asyncpg.Pool, host: str, port: int, secret: bytes
+        self,
+        stack: AsyncExitStack,
+        pool: asyncpg.Pool,
+        dsn: str,
+        *,
+        broker: tuple[str, int],
+        secret: bytes,
     ) -> _Parts:
         """Build every component; presence and partitions are read and made before MQTT."""
         config = self.config
+        host, port = broker
         keys = KeyRing(secret)
         topics = Topics(config.mqtt.topic_prefix)
-        writer = GroupCommitter(pool)
+        writer = GroupCommitter(pool, writers=config.database.writers)
         presence = PresenceService(pool, config.sessions, SessionMetrics(self.registry))
         await presence.load()
         telemetry_metrics = TelemetryMetrics(self.registry)
@@ -169,7 +176,18 @@ class Gateway:
                 (topics.filter(Channel.STATUS), QOS[Channel.STATUS]),
             ],
         )
-        deliverer = WebhookDeliverer(pool, config.webhook)
+        # The outbox's claims on connections of their own, planned for each call: a plan
+        # cached while the outbox was small scans the whole backlog once it is not (measured:
+        # a claim then kept a database core busy while 6,000 events waited). Its statements
+        # are a few per batch of deliveries, so planning each costs little.
+        outbox_pool = await db.create_pool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            server_settings={"plan_cache_mode": "force_custom_plan"},
+        )
+        stack.push_async_callback(outbox_pool.close)
+        deliverer = WebhookDeliverer(outbox_pool, config.webhook)
         self._dispatcher = dispatcher = Dispatcher(
             writer=writer,
             publisher=link,

@@ -121,6 +121,12 @@ class BenchSettings:
     rate: float | None = None  # vends/s open loop; None: closed loop
     concurrency: int = 64
     dispense_ms: int = 0
+    # Per dispense, in the simulated fleet: a jam, a turn with no drop (both: not
+    # dispensed, refunded), a power loss mid-turn (the machine reboots; the vend is unknown
+    # until an operator resolves it).
+    jam_rate: float = 0.0
+    no_drop_rate: float = 0.0
+    reboot_rate: float = 0.0
     slots: int = 10
     deadline_s: int = 60
     settle_timeout_s: float = 120.0
@@ -204,6 +210,9 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 "secret": secret.hex(),
                 "machines": settings.machines,
                 "dispense_ms": settings.dispense_ms,
+                "jam_rate": settings.jam_rate,
+                "no_drop_rate": settings.no_drop_rate,
+                "reboot_rate": settings.reboot_rate,
                 "slots": settings.slots,
                 "log": str(fleet_log),
                 "telemetry_rate": settings.telemetry_rate,
@@ -918,6 +927,9 @@ def _report(
             "rate": settings.rate,
             "concurrency": settings.concurrency,
             "dispense_ms": settings.dispense_ms,
+            "jam_rate": settings.jam_rate,
+            "no_drop_rate": settings.no_drop_rate,
+            "reboot_rate": settings.reboot_rate,
             "deadline_s": settings.deadline_s,
             "slots": settings.slots,
             "gateways": settings.gateways,
@@ -1451,6 +1463,9 @@ async def _fleet_main(args: dict[str, Any]) -> None:
         machines=args["machines"],
         dispense_ms=args["dispense_ms"],
         dispense_jitter_ms=0,
+        jam_rate=args.get("jam_rate", 0.0),
+        no_drop_rate=args.get("no_drop_rate", 0.0),
+        reboot_rate=args.get("reboot_rate", 0.0),
         slots=args["slots"],
         dispense_log=Path(args["log"]),
         connect_concurrency=args.get("connect_concurrency", 50),

@@ -301,7 +301,10 @@ class DatabaseConfig(_Section):
     """The PostgreSQL connection; no DSN means an embedded server from the pgserver wheel."""
 
     section: ClassVar[str] = "database"
-    rules: ClassVar[tuple[_Rule, ...]] = (_not_above("pool_min", "pool_max"),)
+    rules: ClassVar[tuple[_Rule, ...]] = (
+        _not_above("pool_min", "pool_max"),
+        _not_above("writers", "pool_max"),
+    )
 
     dsn: str | None = field(
         default=None, metadata=_meta(check=_postgres_dsn, redact=_hide_url_password)
@@ -309,6 +312,8 @@ class DatabaseConfig(_Section):
     data_dir: Path = Path(".vendgate/pgdata")
     pool_min: int = field(default=2, metadata=_meta(check=_at_least(1)))
     pool_max: int = field(default=10, metadata=_meta(check=_at_least(1)))
+    # Group-commit loops, each committing its own batches on its own pool connection.
+    writers: int = field(default=2, metadata=_meta(check=_between(1, 16)))
 
 
 @dataclass(frozen=True, slots=True)

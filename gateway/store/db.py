@@ -84,7 +84,9 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     """Nothing to reset beyond asyncpg's own rollback (see ``create_pool``)."""
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, server_settings: dict[str, str] | None = None
+) -> asyncpg.Pool:
     """Open a connection pool, or raise DatabaseUnavailableError with the cause."""
     try:
         pool = await asyncpg.create_pool(
@@ -99,6 +101,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
             # state this code never leaves behind: every setting and advisory lock it takes
             # is transaction-scoped (set_config(..., true), pg_advisory_xact_lock).
             reset=_keep_session,
+            server_settings=server_settings,
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc

@@ -111,15 +111,13 @@ async def claim_due(
     An event is due when its ``next_attempt_at`` has passed and it is not leased. The lease
     lasts ``lease_s`` seconds; record the outcome with `mark_delivered` or `mark_failed`
     before then, or another claimer may deliver the event again. Oldest-due first.
+
+    Run it on a connection with ``plan_cache_mode = force_custom_plan`` (the gateway's
+    outbox pool): a generic plan made while the outbox was small scans the whole backlog.
     """
     if limit <= 0:
         return []
-    async with conn.transaction():
-        # Planned for this call's table, not once per connection: a generic plan made while
-        # the outbox was small scans every pending event once it is not (measured: the
-        # claim kept a database core busy while 6,000 events waited).
-        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        records = await conn.fetch(_CLAIM, limit, lease_s)
+    records = await conn.fetch(_CLAIM, limit, lease_s)
     return sorted((OutboxEvent.from_record(r) for r in records), key=lambda e: e.id)
 
 

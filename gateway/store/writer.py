@@ -114,7 +114,11 @@ class GroupCommitter:
         max_batch: int = 256,
         queue_size: int = 10_000,
         submit_timeout_s: float = 5.0,
+        writers: int = 1,
     ) -> None:
+        if writers < 1:
+            raise ValueError("a GroupCommitter needs at least one writer")
+        self._writers = writers
         self._pool = pool
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Item[Any]] = asyncio.Queue(queue_size)
@@ -163,7 +167,23 @@ class GroupCommitter:
         return await future
 
     async def run(self) -> None:
-        """Writer loop: take a batch, commit it, resolve its futures; forever."""
+        """Run the writer loops (``writers`` of them, each on its own connection); forever.
+
+        With several, a batch starts while another commits, so an operation waits for one
+        commit, not for the one in progress and then its own. Operations of one key are kept
+        in order within a batch; callers that need order across batches (one vend's moves)
+        wait for each before submitting the next, as the dispatcher does. A deadlock between
+        two writers' batches fails one, which is then retried one operation at a time.
+        """
+        if self._writers == 1:
+            await self._loop()
+            return
+        async with asyncio.TaskGroup() as tasks:
+            for index in range(self._writers):
+                tasks.create_task(self._loop(), name=f"gateway.store.writer.{index}")
+
+    async def _loop(self) -> None:
+        """Take a batch, commit it, resolve its futures; forever."""
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
