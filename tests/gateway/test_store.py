@@ -239,6 +239,63 @@ async def test_group_commit_shares_transactions_and_isolates_a_bad_op(
             await task
 
 
+async def test_two_writers_commit_at_once_and_keep_each_vends_moves_in_order(
+    pool: asyncpg.Pool,
+) -> None:
+    """With two writer loops, batches overlap; each caller's awaited moves stay in order.
+
+    Forty vends each go created, sent, acknowledged, dispensed, every step awaited before
+    the next (as the dispatcher does), all vends at once. The writers' transactions overlap
+    (one is open while the other commits), and every vend ends dispensed with its four
+    transitions in order.
+    """
+    with pytest.raises(ValueError, match="at least one writer"):
+        GroupCommitter(pool, writers=0)
+    async with pool.acquire() as conn:
+        for i in range(40):
+            await vends.create(conn, _request(f"order-{i}"), DEADLINE)
+    writer = GroupCommitter(pool, max_batch=8, writers=2)
+    open_now = 0
+    overlapped = False
+
+    async def move(conn: Conn, moves: list[vends.Move]) -> list[vends.VendRow | None]:
+        nonlocal open_now, overlapped
+        open_now += 1
+        overlapped = overlapped or open_now > 1
+        try:
+            await asyncio.sleep(0.01)  # a slow statement: the other writer takes the next batch
+            return await vends.apply_many(conn, moves)
+        finally:
+            open_now -= 1
+
+    kind = Batchable("test_moves", move)
+
+    async def walk(vend_id: str) -> list[VendStatus | None]:
+        states = []
+        for event in (VendEvent.PUBLISHED, VendEvent.ACK_ACCEPTED, VendEvent.RESULT_DISPENSED):
+            row = await writer.submit_batchable(kind, vend_id, vends.Move(vend_id, event))
+            states.append(None if row is None else row.state)
+        return states
+
+    task = asyncio.create_task(writer.run(), name="test.writers")
+    try:
+        walks = await asyncio.gather(*(walk(f"order-{i}") for i in range(40)))
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert walks == [[VendStatus.SENT, VendStatus.ACKNOWLEDGED, VendStatus.DISPENSED]] * 40
+    assert overlapped
+    async with pool.acquire() as conn:
+        steps = await conn.fetch(
+            "SELECT vend_id, array_agg(to_state ORDER BY id) AS states FROM vend_transitions "
+            "GROUP BY vend_id"
+        )
+    assert {tuple(r["states"]) for r in steps} == {
+        ("accepted", "sent", "acknowledged", "dispensed")
+    }
+
+
 async def test_group_commit_survives_a_database_restart(
     private_pg: tuple[EmbeddedPostgres, str],
 ) -> None:
