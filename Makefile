@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-mixed bench-scaling bench-telemetry bench-storm fuzz vectors clean mosquitto
+.PHONY: demo test lint format bench bench-mixed bench-scaling bench-telemetry bench-storm bench-memory fuzz vectors clean mosquitto
 
 # The tests and the demo start private Mosquitto brokers; PostgreSQL comes from a wheel.
 mosquitto:
@@ -83,6 +83,12 @@ bench-telemetry: $(STAMP) mosquitto
 bench-storm: $(STAMP) mosquitto
 	mkdir -p bench-results
 	$(BIN)/vendgate bench --profile storm --machines 10000 --json bench-results/storm.json
+
+## bench-memory: gateway RSS at 0 to 10,000 connected machines, base + KiB per machine (~1 min)
+bench-memory: $(STAMP) mosquitto
+	mkdir -p bench-results
+	$(BIN)/python -m benchmarks.gateway_memory --machines 0,1000,5000,10000 \
+		--json bench-results/memory.json
 
 ## fuzz: coverage-guided fuzzing of the decoder with atheris (FUZZ_SECONDS, default 60)
 FUZZ_SECONDS ?= 60

@@ -143,8 +143,14 @@ async def start_gateway(
     *,
     name: str = "gateway",
     ready_timeout_s: float = 60.0,
+    module: str = "gateway.cli",
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
-    """Start ``vendgate run`` with ``--set`` ``settings``; wait until it is ready."""
+    """Start ``vendgate run`` with ``--set`` ``settings``; wait until it is ready.
+
+    ``module`` is what ``python -m`` runs, given the command line of ``gateway.cli`` (a
+    wrapper that adds instrumentation, say); ``env`` replaces the child's environment.
+    """
     http_port = free_port()
     log_path = services.work / f"{name}.log"
     log_file = log_path.open("wb")
@@ -168,11 +174,12 @@ async def start_gateway(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.cli",
+        module,
         *argv,
         "run",
         stdout=log_file,
         stderr=asyncio.subprocess.STDOUT,
+        env=env,
     )
     stack.push_async_callback(stop_process, process)
     http_url = f"http://127.0.0.1:{http_port}"
