@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -239,8 +240,10 @@ class ConfigSync:
         """Read every machine's sync state into memory (entries seen meanwhile are kept)."""
         rows = await self._read(planograms.sync_rows)
         for row in rows:
-            state = self._cache.setdefault(row.machine_id, SyncState.from_row(row))
-            self._track(row.machine_id, state)
+            # Interned, as the uplink interns the ids of topics: one string per machine.
+            machine_id = sys.intern(row.machine_id)
+            state = self._cache.setdefault(machine_id, SyncState.from_row(row))
+            self._track(machine_id, state)
         self.loaded = True
         log.info("configsync_loaded", machines=len(rows), out_of_sync=len(self._behind))
 
@@ -438,7 +441,7 @@ class ConfigSync:
         """Read a machine missing from the cache (registered since the load, or before it)."""
         row = await self._read(lambda conn: planograms.sync_row(conn, machine_id))
         state = self._cache.setdefault(
-            machine_id, SyncState() if row is None else SyncState.from_row(row)
+            sys.intern(machine_id), SyncState() if row is None else SyncState.from_row(row)
         )
         self._track(machine_id, state)
         return state
@@ -447,7 +450,7 @@ class ConfigSync:
         """Take a stored row that is behind: its desired version and a newer send win."""
         state = self._cache.get(row.machine_id)
         if state is None:
-            state = self._cache[row.machine_id] = SyncState.from_row(row)
+            state = self._cache[sys.intern(row.machine_id)] = SyncState.from_row(row)
         elif row.desired is not None:
             self._set_desired(row.machine_id, state, row.desired)
             # Compared as stored (microseconds): our own send, read back, is not newer.

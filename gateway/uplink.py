@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
@@ -29,7 +30,8 @@ log = get_logger("gateway.uplink")
 Outcome: TypeAlias = Awaitable[None] | None
 """What a handler returns: None when done, or what to wait for (gateway/mqtt.py)."""
 
-_PARSED_TOPICS: Final = 1 << 16  # a fleet of 10,000 uses 20,000
+_PARSED_TOPICS: Final = 1 << 16  # a fleet of 10,000 uses 10,000
+_UP: Final = Channel.UP  # a module global: an enum member's lookup costs more per message
 
 FrameSink = Callable[[str, UplinkFrame], Outcome]
 
@@ -60,7 +62,8 @@ class MachineDirectory:
     async def load(self) -> int:
         """Cache every registered id; return how many."""
         ids = await self._writer.read(machines.all_ids)
-        self._known.update(ids)
+        # Interned: the same string as the uplink's, presence's and the planogram sync's.
+        self._known.update(map(sys.intern, ids))
         return len(ids)
 
     async def is_known(self, machine_id: str) -> bool:
@@ -102,7 +105,7 @@ class MachineDirectory:
 
     def learn(self, machine_id: str) -> None:
         """Record a machine registered through this gateway."""
-        self._known.add(machine_id)
+        self._known.add(sys.intern(machine_id))
         self._unknown.pop(machine_id, None)
 
 
@@ -124,8 +127,10 @@ class Uplink:
         self._sink = sink
         self._metrics = metrics
         self._frame_counts = metrics.uplink_frames.counts
-        # Topics already parsed: every machine publishes on the same two topics all day.
-        self._parsed: dict[str, tuple[str, Channel]] = {}
+        # Uplink topics already parsed, to their machine id: every machine publishes on the
+        # same topic all day. Only Channel.UP: a status topic carries a few presence frames
+        # per connection, not worth a topic string, an id and a tuple per machine kept.
+        self._parsed: dict[str, str] = {}
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         """Verify one message and pass its frame on; drop and count anything bad.
@@ -134,20 +139,25 @@ class Uplink:
         acknowledges the message once that is done. Only a machine id not yet in the
         directory's cache needs a query first.
         """
-        parsed = self._parsed.get(topic)
-        if parsed is None:
+        machine_id = self._parsed.get(topic)
+        if machine_id is not None:
+            channel = _UP
+        else:
             try:
-                parsed = self._topics.parse(topic)
+                machine_id, channel = self._topics.parse(topic)
             except ValueError:
                 self._drop("bad_topic", topic=topic)
                 return None
-            if parsed[1] is Channel.DOWN:
-                self._drop("wrong_channel", machine_id=parsed[0])
+            if channel is Channel.DOWN:
+                self._drop("wrong_channel", machine_id=machine_id)
                 return None
-            if len(self._parsed) >= _PARSED_TOPICS:
-                self._parsed.clear()  # bounded against a flood of made-up topics
-            self._parsed[topic] = parsed
-        machine_id, channel = parsed
+            # One string per machine id, shared by every structure that keeps it (presence,
+            # keys, this cache): the topic's own copy would be one more per structure.
+            machine_id = sys.intern(machine_id)
+            if channel is Channel.UP:
+                if len(self._parsed) >= _PARSED_TOPICS:
+                    self._parsed.clear()  # bounded against a flood of made-up topics
+                self._parsed[topic] = machine_id
         if not payload:
             return None  # a retained status topic being cleared
         if machine_id not in self._directory.known:
