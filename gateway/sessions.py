@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import sys
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -253,7 +254,6 @@ class PresenceChanges(NamedTuple):
 
 
 Position = tuple[int, int]  # (boot, seq)
-PresenceKey = tuple[int, int, int]  # (boot, session, 0 online / 1 offline)
 
 
 @dataclass(slots=True)
@@ -263,23 +263,33 @@ class _Track:
     The fields of :class:`MachinePresence` are plain attributes, written in place: building a
     frozen view per frame (``dataclasses.replace``) cost more than the rest of ``observe``.
     Readers get the immutable snapshot that :attr:`view` builds when asked.
+
+    One is kept per machine, so what it must remember is plain fields rather than objects of
+    their own (a tuple is 56 to 64 bytes more per machine, a SessionRecord 88, and the fast
+    path would build a tuple per frame): the newest (boot, seq) seen is (``boot``, ``seq``);
+    the open session, if ``open_boot`` is not None, is the one the view's ``session``,
+    ``session_id`` and ``connected_at`` describe (:attr:`open` builds its record); the frame
+    that opened it is (``open_boot``, ``opened_seq``); the newest presence seen is
+    (``presence_boot``, ``presence_session``, ``presence_end``).
     """
 
     machine_id: str
     online: bool = False
     last_seen: float | None = None
     firmware: str | None = None
-    boot: int | None = None  # newest[0], once there is a newest
+    boot: int | None = None  # of the newest (boot, seq) seen, wills included; None: none yet
     session: int | None = None
     session_id: uuid.UUID | None = None
     connected_at: float | None = None
     rssi: int | None = None
     last_heartbeat_at: float | None = None
     phase: Phase = Phase.OFFLINE
-    open: SessionRecord | None = None
-    opened_at: Position | None = None  # the frame that opened the session; None if loaded
-    newest: Position | None = None  # newest (boot, seq) seen, wills included
-    presence: PresenceKey | None = None  # newest presence seen
+    open_boot: int | None = None  # of the open session; None: no session is open
+    seq: int = 0  # of the newest (boot, seq) seen, once there is one
+    opened_seq: int | None = None  # of the frame that opened the session; None if loaded
+    presence_boot: int | None = None  # of the newest presence seen; None: none yet
+    presence_session: int = 0
+    presence_end: int = 0  # 0 online, 1 offline: an online presence orders before its end
     silent_since: float = 0.0  # silence is measured from here (last frame, or gateway start)
     heartbeat_at: float | None = None  # previous heartbeat of the open session
     dirty: bool = False  # in the tracker's dirty machines: changed since the last take
@@ -298,6 +308,20 @@ class _Track:
             row.rssi,
             row.last_heartbeat_at,
             silent_since=silent_since,
+        )
+
+    @property
+    def open(self) -> SessionRecord | None:
+        """The open session's record, or None if no session is open."""
+        return None if self.open_boot is None else self.open_record()
+
+    def open_record(self) -> SessionRecord:
+        """Return the open session's record; call only while one is open."""
+        assert self.session_id is not None  # noqa: S101  (set whenever a session opens)
+        assert self.connected_at is not None  # noqa: S101
+        assert self.open_boot is not None  # noqa: S101
+        return SessionRecord(
+            self.session_id, self.machine_id, self.open_boot, self.session, self.connected_at
         )
 
     @property
@@ -413,10 +437,9 @@ class PresenceTracker:
                 self._online -= 1
             track = _Track.of(row, silent_since=max(row.last_seen or now, now))
             track.dirty = row.machine_id in self._dirty_machines
-            if row.boot is not None:
-                track.newest = (row.boot, 0)
-                if row.session is not None:
-                    track.presence = (row.boot, row.session, 0)
+            # The newest (boot, seq) seen starts at (row.boot, 0): boot is the row's.
+            if row.boot is not None and row.session is not None:
+                track.presence_boot, track.presence_session = row.boot, row.session
             if (
                 row.online
                 and row.session_id is not None
@@ -424,9 +447,7 @@ class PresenceTracker:
                 and row.connected_at is not None
             ):
                 track.phase = Phase.ONLINE
-                track.open = SessionRecord(
-                    row.session_id, row.machine_id, row.boot, row.session, row.connected_at
-                )
+                track.open_boot = row.boot  # with the row's session, session_id, connected_at
                 self._online += 1
             else:
                 track.online = False
@@ -448,15 +469,9 @@ class PresenceTracker:
             # (checked in __init__): the open session's fields in the view stay as they are.
             # What is left is rule 5, written out below; any other frame goes on to the table.
             # tests/gateway/test_sessions.py checks the two against each other.
-            newest = track.newest
-            boot, seq = frame.boot, frame.seq
-            if (
-                newest is not None
-                and boot == newest[0]
-                and seq > newest[1]
-                and type(frame) in _FAST_TYPES
-            ):
-                track.newest = (boot, seq)
+            seq = frame.seq
+            if frame.boot == track.boot and seq > track.seq and type(frame) in _FAST_TYPES:
+                track.seq = seq
                 track.silent_since = now
                 # Marked as the table path marks it: once per take, and only if the view
                 # changed, which here means last_seen (or a heartbeat's fields).
@@ -491,16 +506,18 @@ class PresenceTracker:
         session = frame.session if isinstance(frame, Presence) and frame.online else None
         position = (frame.boot, frame.seq)
         events = self._step(track, cue, now, position, session)
-        newest = position if track.newest is None else max(track.newest, position)
-        track.newest = newest
-        track.boot = newest[0]
+        if track.boot is None or position > (track.boot, track.seq):
+            track.boot, track.seq = position
         if isinstance(frame, Presence):
-            track.presence = (frame.boot, frame.session, 0 if frame.online else 1)
+            track.presence_boot = frame.boot
+            track.presence_session = frame.session
+            track.presence_end = 0 if frame.online else 1
         if cue is not Cue.WILL:
             track.last_seen = now
             track.silent_since = now
         if isinstance(frame, Hello):
-            track.firmware = frame.firmware
+            # Interned: a fleet runs a few firmware versions, not one string per machine.
+            track.firmware = sys.intern(frame.firmware)
         elif isinstance(frame, Heartbeat):
             track.rssi = frame.rssi
             track.last_heartbeat_at = now
@@ -590,40 +607,38 @@ class PresenceTracker:
         step = TRANSITIONS[(track.phase, cue)]
         events: list[PresenceEvent] = []
         machine_id = track.machine_id
-        if step.ends is not None and track.open is not None:
+        if step.ends is not None and track.open_boot is not None:
+            ended = track.open_record()
             ended_at = now
             if step.ends is EndReason.HEARTBEAT_TIMEOUT:
                 # Dated at the last frame: the machine is not known to have been there after.
-                ended_at = max(track.last_seen or now, track.open.connected_at)
-            closed = replace(track.open, disconnected_at=ended_at, end_reason=step.ends)
+                ended_at = max(track.last_seen or now, ended.connected_at)
+            closed = replace(ended, disconnected_at=ended_at, end_reason=step.ends)
             self._dirty_sessions[closed.session_id] = closed
             events.append(Disconnected(machine_id, closed, step.ends))
-            track.open = None
-            track.opened_at = None
+            # The view's session fields keep describing the session that ended.
+            track.open_boot = None
+            track.opened_seq = None
             track.heartbeat_at = None
         if step.opens and position is not None:
             opened = SessionRecord(self._new_id(), machine_id, position[0], session, now)
             self._dirty_sessions[opened.session_id] = opened
             events.append(Connected(machine_id, opened))
-            track.open = opened
-            track.opened_at = position
+            track.open_boot, track.opened_seq = position
+            track.session = session
+            track.session_id = opened.session_id
+            track.connected_at = now
             track.heartbeat_at = None
-        if step.adopts and track.open is not None and session is not None:
-            track.open = replace(track.open, session=session)
-            track.opened_at = position
-            self._dirty_sessions[track.open.session_id] = track.open
-            events.append(Numbered(machine_id, track.open))
+        if step.adopts and track.open_boot is not None and session is not None:
+            track.session = session  # the open session is of this boot: see _cue
+            track.opened_seq = None if position is None else position[1]
+            numbered = track.open_record()
+            self._dirty_sessions[numbered.session_id] = numbered
+            events.append(Numbered(machine_id, numbered))
         if track.phase is not step.then:
             self._online += 1 if step.then is Phase.ONLINE else -1
         track.phase = step.then
-        current = track.open
-        if current is not None:
-            track.online = True
-            track.session = current.session
-            track.session_id = current.session_id
-            track.connected_at = current.connected_at
-        else:
-            track.online = False
+        track.online = track.open_boot is not None
         return events
 
     def _mark(self, track: _Track, now: float) -> None:
@@ -637,31 +652,36 @@ class PresenceTracker:
 def _cue(track: _Track, frame: UplinkFrame) -> Cue:
     """Order ``frame`` against what was seen of its machine (module docstring, rules 1-3)."""
     position = (frame.boot, frame.seq)
-    newest = track.newest
-    opened = track.open
+    boot = track.boot  # with track.seq, the newest (boot, seq) seen, if boot is not None
+    open_boot = track.open_boot  # of the open session, if one is (see _Track)
     if isinstance(frame, Presence):
         key = (frame.boot, frame.session, 0 if frame.online else 1)
-        if (newest is not None and frame.boot < newest[0]) or (
-            track.presence is not None and key <= track.presence
+        if (boot is not None and frame.boot < boot) or (
+            track.presence_boot is not None
+            and key <= (track.presence_boot, track.presence_session, track.presence_end)
         ):
             return Cue.STALE
         if frame.online:
             if (
-                opened is not None
-                and opened.session is None
-                and opened.boot == frame.boot
-                and (track.opened_at is None or track.opened_at > position)
+                open_boot is not None
+                and track.session is None
+                and open_boot == frame.boot
+                and (track.opened_seq is None or track.opened_seq > frame.seq)
             ):
                 return Cue.ADOPT
             return Cue.ANNOUNCE
         if frame.seq == 0:
             return Cue.WILL
-        if opened is not None and track.opened_at is not None and position < track.opened_at:
+        if (
+            open_boot is not None
+            and track.opened_seq is not None
+            and position < (open_boot, track.opened_seq)
+        ):
             return Cue.EARLIER_GOODBYE
         return Cue.GOODBYE
-    if newest is not None and position <= newest:
+    if boot is not None and position <= (boot, track.seq):
         return Cue.STALE
-    if newest is not None and frame.boot > newest[0]:
+    if boot is not None and frame.boot > boot:
         return Cue.REBOOT
     return Cue.FRAME
 
@@ -737,11 +757,14 @@ def _stored(row: asyncpg.Record) -> MachinePresence:
     # Online only with a session row that is still open; anything else loads as offline.
     online = bool(row["online"]) and row["connected_at"] is not None
     online = online and row["disconnected_at"] is None
+    firmware = row["firmware"]
     return MachinePresence(
-        machine_id=row["machine_id"],
+        # Interned, as the uplink interns the ids of topics: one string per machine id and
+        # per firmware version, however many structures keep them.
+        machine_id=sys.intern(row["machine_id"]),
         online=online,
         last_seen=_timestamp(row["last_seen"]),
-        firmware=row["firmware"],
+        firmware=None if firmware is None else sys.intern(firmware),
         boot=row["session_boot"] if online else row["boot"],
         session=row["session_number"] if online else row["session"],
         session_id=row["session_id"],
