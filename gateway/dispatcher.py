@@ -158,6 +158,40 @@ def _set_on_close(event: asyncio.Event, _conn: object) -> None:
 _MOVES: Final[Batchable[vends.Move, VendRow | None]] = Batchable("vend_moves", vends.apply_many)
 
 
+class _MachineLock:
+    """``async with``: one machine's steps one at a time, the lock kept only while in use.
+
+    It leaves ``locks`` when the last holder or waiter does: a lock kept for every machine
+    that ever had a vend cost about 160 bytes a machine (the lock, its key, the dict entry)
+    for the life of the gateway.
+    """
+
+    __slots__ = ("_lock", "_locks", "_machine_id", "_users")
+
+    def __init__(self, locks: dict[str, _MachineLock], machine_id: str) -> None:
+        self._locks = locks
+        self._machine_id = machine_id
+        self._lock = asyncio.Lock()
+        self._users = 0  # holding it or waiting for it
+
+    async def __aenter__(self) -> None:
+        self._users += 1  # before any await: the entry cannot leave ``locks`` meanwhile
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *_exc_info: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._users -= 1
+        if not self._users:
+            del self._locks[self._machine_id]
+
+
 class Dispatcher:
     """Per-machine vend queues, re-sends, deadlines and status queries; see the module doc."""
 
@@ -206,7 +240,7 @@ class Dispatcher:
         self._by_machine: dict[str, set[str]] = {}
         self._queues: dict[str, deque[str]] = {}
         self._current: dict[str, str] = {}  # machine -> vend in sent/acknowledged
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _MachineLock] = {}  # only while held or waited for
         self._timers: list[_Timer] = []
         self._order = itertools.count()
         self._wake = asyncio.Event()
@@ -321,10 +355,11 @@ class Dispatcher:
                 log.exception("dispatch_step_crashed")
                 self._metrics.bad_frames.labels("internal_error").inc()
 
-    def _lock(self, machine_id: str) -> asyncio.Lock:
+    def _lock(self, machine_id: str) -> _MachineLock:
+        """Return the machine's lock, for ``async with`` at once (dropped when unused)."""
         lock = self._locks.get(machine_id)
         if lock is None:
-            lock = self._locks[machine_id] = asyncio.Lock()
+            lock = self._locks[machine_id] = _MachineLock(self._locks, machine_id)
         return lock
 
     async def _listen_loop(self, pool: asyncpg.Pool) -> None:

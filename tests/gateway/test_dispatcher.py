@@ -43,6 +43,34 @@ async def test_happy_path_dispenses_once_and_acks_after_commit(database: str) ->
         assert entry.result_acked
 
 
+async def test_machine_locks_are_kept_only_while_in_use(database: str) -> None:
+    """Each machine's steps take its lock in turn; a lock nobody holds or waits for is gone."""
+    async with pipeline(database) as p:
+        await p.vend("order-1")
+        assert await p.wait_for("order-1", S.DISPENSED) is S.DISPENSED
+        await asyncio.sleep(0.1)  # the ResultAck after the commit
+        assert p.dispatcher._locks == {}
+
+        order: list[str] = []
+
+        async def step(name: str, hold_s: float) -> None:
+            async with p.dispatcher._lock("VM-9"):
+                order.append(f"{name}+")
+                await asyncio.sleep(hold_s)
+                order.append(f"{name}-")
+
+        first = asyncio.create_task(step("a", 0.05))
+        await asyncio.sleep(0)  # a holds the lock
+        waiting = asyncio.create_task(step("b", 0))
+        cancelled = asyncio.create_task(step("c", 0))
+        await asyncio.sleep(0)  # b and c wait for it
+        assert list(p.dispatcher._locks) == ["VM-9"]
+        cancelled.cancel()
+        await asyncio.gather(first, waiting, cancelled, return_exceptions=True)
+        assert order == ["a+", "a-", "b+", "b-"]
+        assert p.dispatcher._locks == {}
+
+
 async def test_lost_vend_ack_is_recovered_by_a_resend(database: str) -> None:
     """Losing the first VendAck makes the gateway re-send; the machine answers from its log."""
     async with pipeline(database) as p:
