@@ -5,28 +5,34 @@ count N of ``--machines`` (default 0, 1,000, 5,000 and 10,000), a fresh gateway 
 (``vendgate run``) starts against a fresh database on one embedded PostgreSQL and a fresh
 private Mosquitto (persistence off, so nothing is retained from an earlier point). N machines
 are registered in the database before the gateway starts, as a gateway restarting under its
-fleet finds them; the gateway's resident set (RSS, /proc) is read
+fleet finds them (``--register api``: POSTed to the running gateway instead, as ``vendgate
+bench`` does); the gateway's resident set (RSS, /proc) is read
 
-* ``registered``: ``--settle-s`` after it is ready, before any machine connects (the
-  registry, presence and planogram sync state it loads at start-up);
+* ``registered``: ``--settle-s`` after it is ready and the machines are registered, before
+  any connects (the registry, presence and planogram sync state it loads at start-up);
 * ``connected``: ``--settle-s`` after all N simulated machines (the fleet child of ``vendgate
   bench``, at niceness 10) are connected and the gateway has them online
   (``SELECT count(*) FROM machines WHERE online``): each sent its ``Presence`` and ``Hello``
   and got its ``Time``, and every one is in the gateway's presence tracking, key cache,
-  topic cache, machine directory and planogram sync cache.
+  topic cache, machine directory and planogram sync cache;
+* ``vended``, with ``--vends V``: ``--settle-s`` after V vends, posted by the vend
+  benchmark's load generator (closed loop, 64 at a time, round robin over the machines),
+  are all settled (N = 0 is skipped: no machine to vend on).
 
 The base and the cost per machine are the least-squares line through the medians of
-``--runs`` runs per N. No vends are sent: the vend state of a benchmark is per vend, not per
-machine.
+``--runs`` runs per N; the verdict is on ``connected``. The vend state of a run is per vend,
+not per machine, so ``vended`` should differ from ``connected`` by a constant.
 
 ``--trace`` runs every gateway under tracemalloc instead (``benchmarks.traced_gateway``)
 and prints where the memory per machine was allocated: the difference between the
-snapshots of the largest and the smallest N (connected), by source line, divided by the
-difference in machines. Traced runs report no RSS fit (tracing itself costs memory), and
-tracemalloc sees only Python's allocators: OpenSSL's hash contexts, for one, are not in it.
+snapshots of the largest and the smallest N, by source line, divided by the difference in
+machines. Traced runs report no RSS fit (tracing itself costs memory), and tracemalloc sees
+only Python's allocators: OpenSSL's hash contexts (two per machine in the frame key cache,
+about 420 bytes) and the fragmentation that transient objects leave are not in it.
 
     python -m benchmarks.gateway_memory [--machines 0,1000,5000,10000] [--runs 1]
-        [--settle-s 5] [--trace [--trace-frames 1] [--top 25]] [--json PATH]
+        [--register database|api] [--vends V] [--settle-s 5]
+        [--trace [--trace-frames 1] [--top 25]] [--json PATH] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import asyncpg
 
 from gateway.bench import start_fleet
@@ -62,6 +69,7 @@ from gateway.benchkit import (
 from gateway.embedded import EmbeddedPostgres, Mosquitto
 from gateway.logs import configure_logging
 from gateway.simulator import FleetSettings
+from gateway.store import vends as vends_store
 
 TARGET_KIB_PER_MACHINE: Final = 2.0
 KIB_PER_MIB: Final = 1024
@@ -77,6 +85,12 @@ class MemorySettings:
     connect_concurrency: int = 200
     fleet_nice: int = 10
     timeout_s: float = 120.0
+    #: "database": inserted before the gateway starts (it loads them); "api": POSTed to the
+    #: running gateway, as ``vendgate bench`` does (then its caches fill as machines connect).
+    register: str = "database"
+    #: After the "connected" reading: this many vends (closed loop, 64 at a time, round robin
+    #: over the machines, as ``vendgate bench``), then a "vended" reading once all settled.
+    vends: int = 0
     trace: bool = False
     trace_frames: int = 1
     top: int = 25
@@ -102,6 +116,7 @@ async def run_memory(settings: MemorySettings) -> dict[str, Any]:
         "machines": list(settings.machines),
         "runs": settings.runs,
         "settle_s": settings.settle_s,
+        "register": settings.register,
         "traced": settings.trace,
         "points": points,
         "workdir": str(work) if settings.workdir else None,
@@ -113,10 +128,13 @@ async def run_memory(settings: MemorySettings) -> dict[str, Any]:
         for point in points:  # gone with it
             point.pop("snapshot_registered", None)
             point.pop("snapshot_connected", None)
+            point.pop("snapshot_vended", None)
     if not settings.trace:
         result["fit"] = {
-            phase: fit([(p["machines"], p[f"rss_{phase}_mb"]) for p in points])
-            for phase in ("registered", "connected")
+            phase: fit([(p["machines"], p[f"rss_{phase}_mb"]) for p in points if p["machines"]])
+            if phase == "vended"
+            else fit([(p["machines"], p[f"rss_{phase}_mb"]) for p in points])
+            for phase in ("registered", "connected", "vended")[: 3 if settings.vends else 2]
         }
         slope = result["fit"]["connected"]["kib_per_machine"]
         result["target_kib_per_machine"] = TARGET_KIB_PER_MACHINE
@@ -147,7 +165,9 @@ async def _measure(  # noqa: PLR0917  (one point's inputs, from run_memory only)
         names = FleetSettings(
             broker_host="127.0.0.1", broker_port=1, master_secret=secret, machines=max(1, machines)
         )
-        await register_machines(dsn, [names.machine_id(i) for i in range(machines)])
+        machine_ids = [names.machine_id(i) for i in range(machines)]
+        if settings.register == "database":
+            await register_machines(dsn, machine_ids)
         module, env = "gateway.cli", None
         if settings.trace:
             trace_dir.mkdir()
@@ -168,6 +188,8 @@ async def _measure(  # noqa: PLR0917  (one point's inputs, from run_memory only)
         )
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         stack.push_async_callback(pool.close)
+        if settings.register == "api":
+            await _register(gateway.http_url, machine_ids)
 
         await asyncio.sleep(settings.settle_s)
         point: dict[str, Any] = {"machines": machines, "run": run}
@@ -204,9 +226,58 @@ async def _measure(  # noqa: PLR0917  (one point's inputs, from run_memory only)
         point["rss_connected_mb"] = round(rss_mb(gateway.pid), 2)
         if settings.trace:
             point["snapshot_connected"] = str(await _snapshot(gateway, trace_dir, "connected"))
+        if settings.vends and machines:
+            await _vend(gateway.http_url, machine_ids, settings.vends, pool, settings.timeout_s)
+            await asyncio.sleep(settings.settle_s)
+            point["rss_vended_mb"] = round(rss_mb(gateway.pid), 2)
+            if settings.trace:
+                point["snapshot_vended"] = str(await _snapshot(gateway, trace_dir, "vended"))
         # The gateway first, so that it does not spend the teardown on 10,000 goodbyes.
         await stop_process(gateway.process)
     return point
+
+
+async def _register(http_url: str, machine_ids: list[str]) -> None:
+    """``POST /v1/machines`` each id, 32 at a time."""
+    sem = asyncio.Semaphore(32)
+    async with aiohttp.ClientSession() as session:
+
+        async def register(machine_id: str) -> None:
+            async with (
+                sem,
+                session.post(f"{http_url}/v1/machines", json={"machine_id": machine_id}) as reply,
+            ):
+                reply.raise_for_status()
+
+        await asyncio.gather(*(register(m) for m in machine_ids))
+
+
+async def _vend(
+    http_url: str, machine_ids: list[str], vends: int, pool: asyncpg.Pool, timeout_s: float
+) -> None:
+    """Run the vend benchmark's load generator (a child), then wait for every vend to settle."""
+    args = {
+        "urls": [http_url],
+        "machines": machine_ids,
+        "vends": vends,
+        "rate": None,
+        "concurrency": 64,
+        "slots": 10,
+        "deadline_s": 60,
+    }
+    load = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.bench",
+        "load",
+        json.dumps(args),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    if await asyncio.wait_for(load.wait(), timeout=timeout_s):
+        raise RuntimeError(f"the load generator exited with code {load.returncode}")
+    async with pool.acquire() as conn:
+        if not await vends_store.wait_settled(conn, timeout_s):
+            raise RuntimeError(f"vends not settled after {timeout_s} s")
 
 
 async def _wait_online(pool: asyncpg.Pool, machines: int, timeout_s: float) -> int:
@@ -276,7 +347,9 @@ def trace_report(points: list[dict[str, Any]], top: int) -> dict[str, Any]:
         return {}
     span = high - low
     report: dict[str, Any] = {"from_machines": low, "to_machines": high}
-    for phase in ("registered", "connected"):
+    for phase in ("registered", "connected", "vended"):
+        if f"snapshot_{phase}" not in first[low] or f"snapshot_{phase}" not in first[high]:
+            continue
         base = _load(first[low][f"snapshot_{phase}"])
         snap = _load(first[high][f"snapshot_{phase}"])
         key = "traceback" if snap.traceback_limit > 1 else "lineno"
@@ -312,10 +385,12 @@ def _where(traceback: tracemalloc.Traceback) -> str:
 
 
 def _point_line(point: dict[str, Any]) -> str:
+    vended = point.get("rss_vended_mb")
     return (
         f"N={point['machines']:>6} run {point['run']}: RSS registered "
         f"{point['rss_registered_mb']:.1f} MiB, connected {point['rss_connected_mb']:.1f} MiB "
         f"({point['online']} online after {point['online_after_s']} s)"
+        + ("" if vended is None else f", vended {vended:.1f} MiB")
     )
 
 
@@ -336,7 +411,7 @@ def summary(result: dict[str, Any]) -> str:
             "machine)"
         )
     trace = result.get("trace") or {}
-    for phase in ("registered", "connected"):
+    for phase in ("registered", "connected", "vended"):
         if phase not in trace:
             continue
         t = trace[phase]
@@ -362,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated machine counts (default 0,1000,5000,10000)",
     )
     parser.add_argument("--runs", type=int, default=1, help="runs per count (median)")
+    parser.add_argument(
+        "--register",
+        choices=("database", "api"),
+        default="database",
+        help="machines inserted before the gateway starts, or POSTed to it once it runs",
+    )
+    parser.add_argument(
+        "--vends", type=int, default=0, help="then this many vends, and a third reading"
+    )
     parser.add_argument("--settle-s", type=float, default=5.0, help="wait before each reading")
     parser.add_argument("--trace", action="store_true", help="tracemalloc: where, not how much")
     parser.add_argument("--trace-frames", type=int, default=1, help="frames per trace")
@@ -375,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = MemorySettings(
         machines=tuple(int(n) for n in args.machines.split(",")),
         runs=args.runs,
+        register=args.register,
+        vends=args.vends,
         settle_s=args.settle_s,
         trace=args.trace,
         trace_frames=args.trace_frames,
