@@ -65,6 +65,7 @@ from gateway.benchkit import (
     rss_mb,
     start_gateway,
     stop_process,
+    wait_online,
 )
 from gateway.embedded import EmbeddedPostgres, Mosquitto
 from gateway.logs import configure_logging
@@ -215,7 +216,7 @@ async def _measure(  # noqa: PLR0917  (one point's inputs, from run_memory only)
                 timeout_s=settings.timeout_s,
                 stop_timeout_s=60.0,
             )
-        point["online"] = await _wait_online(pool, machines, settings.timeout_s)
+        point["online"] = await wait_online(pool, machines, settings.timeout_s)
         point["online_after_s"] = round(time.monotonic() - t0, 1)
         if point["online"] < machines:
             raise RuntimeError(
@@ -278,15 +279,6 @@ async def _vend(
     async with pool.acquire() as conn:
         if not await vends_store.wait_settled(conn, timeout_s):
             raise RuntimeError(f"vends not settled after {timeout_s} s")
-
-
-async def _wait_online(pool: asyncpg.Pool, machines: int, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        online = int(await pool.fetchval("SELECT count(*) FROM machines WHERE online"))
-        if online >= machines or time.monotonic() > deadline:
-            return online
-        await asyncio.sleep(0.25)
 
 
 async def _snapshot(gateway: GatewayProcess, folder: Path, name: str) -> Path:

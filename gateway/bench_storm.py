@@ -49,6 +49,7 @@ from gateway.benchkit import (
     start_gateway,
     start_services,
     stop_process,
+    wait_online,
 )
 from gateway.logs import configure_logging
 from gateway.simulator import FleetSettings
@@ -106,7 +107,7 @@ async def run_storm(settings: StormSettings) -> dict[str, Any]:
             stop_timeout_s=60.0,
         )
         fleet_connected_s = time.monotonic() - t_fleet
-        initial = await _wait_online(pool, settings.machines, settings.timeout_s)
+        initial = await wait_online(pool, settings.machines, settings.timeout_s)
 
         probe_out = work / "probe.json"
         prober = await asyncio.create_subprocess_exec(
@@ -181,17 +182,6 @@ def _latency(probes: list[list[float]]) -> dict[str, Any]:
         "p99_ms": round(percentile(latencies, 0.99), 1),
         "max_ms": round(max(latencies, default=0.0), 1),
     }
-
-
-async def _wait_online(pool: asyncpg.Pool, machines: int, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    online = 0
-    while time.monotonic() < deadline:
-        online = await pool.fetchval("SELECT count(*) FROM machines WHERE online")
-        if online >= machines:
-            break
-        await asyncio.sleep(0.25)
-    return int(online)
 
 
 async def _wait_recovered(

@@ -61,6 +61,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def wait_online(pool: asyncpg.Pool, machines: int, timeout_s: float) -> int:
+    """Poll until at least ``machines`` machines are online, or ``timeout_s``; return the count."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        online = int(await pool.fetchval("SELECT count(*) FROM machines WHERE online"))
+        if online >= machines or time.monotonic() > deadline:
+            return online
+        await asyncio.sleep(0.25)
+
+
 async def wait_ready(url: str, timeout_s: float = 60.0) -> None:
     """Wait until the gateway at ``url`` answers ``/readyz`` with 200."""
     deadline = time.monotonic() + timeout_s
